@@ -1,0 +1,1 @@
+"""Delivery channels: one protocol, one module per implementation."""

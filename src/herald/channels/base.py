@@ -1,0 +1,32 @@
+"""The channel protocol. A channel sends one message and either returns what the receiver
+answered or raises ``TransientChannelError`` (retry) / ``PermanentChannelError`` (dead-letter)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class WebhookMessage:
+    """Everything needed to POST one webhook; ``delivery_id`` is the constant ``webhook-id``."""
+
+    delivery_id: str
+    url: str
+    secrets: list[str]
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A successful attempt."""
+
+    status_code: int | None
+    provider: str | None = None
+
+
+class Channel(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,149 @@
+"""Settings: one pydantic-settings object, ``HERALD_`` prefix, nested groups joined by ``__``.
+
+Every setting is listed in the README. Factories take a ``Settings``; nothing reads the
+environment at import time. Tests build ``Settings(...)`` directly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LANES: tuple[str, ...] = ("otp", "transactional", "bulk")
+
+
+class DatabaseSettings(BaseModel):
+    """Where the system of record lives. Empty url = SQLite file in the data folder."""
+
+    url: str = ""
+    pool_size: int = Field(default=10, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite", "postgresql")):
+            scheme = value.split(":", 1)[0]
+            raise ValueError(f"HERALD_DATABASE__URL: unsupported scheme {scheme!r}, expected sqlite or postgresql")
+        return value
+
+
+class RedisSettings(BaseModel):
+    """The Celery broker and Herald's wake-up/metrics keys. Empty url = embedded Redis (``herald up``)."""
+
+    url: str = ""
+    key_prefix: str = "herald"
+
+
+class ApiSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_body_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
+    public_url: str = ""
+
+
+class DispatchSettings(BaseModel):
+    """How due rows become Celery messages."""
+
+    tick_s: float = Field(default=0.5, gt=0)
+    max_batch: int = Field(default=200, ge=1)
+    max_claim: int = Field(default=2000, ge=1)
+    target_tasks: int = Field(default=8, ge=1)
+    max_in_flight: int = Field(default=20000, ge=1)
+    lease_s: float = Field(default=120.0, gt=0)
+    reconcile_every_s: float = Field(default=5.0, gt=0)
+
+
+class RetrySettings(BaseModel):
+    """Default retry policy; tenants may override attempts and window."""
+
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    base_delay_s: float = Field(default=5.0, ge=0)
+    factor: float = Field(default=5.0, ge=1)
+    max_delay_s: float = Field(default=6 * 3600.0, ge=0)
+    window_s: float = Field(default=24 * 3600.0, gt=0)
+    jitter: float = Field(default=0.2, ge=0, le=1)
+
+
+class WebhookSettings(BaseModel):
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    total_timeout_s: float = Field(default=15.0, gt=0)
+    max_response_bytes: int = Field(default=64 * 1024, ge=0)
+    pool_size: int = Field(default=256, ge=1)
+    secret_grace_s: float = Field(default=24 * 3600.0, ge=0)
+    allow_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    user_agent: str = "Herald-Webhooks/0.1"
+
+    @field_validator("allow_networks", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"HERALD_WEBHOOK__ALLOW_NETWORKS: not a network, got {net!r}") from None
+        return value
+
+
+class WorkerSettings(BaseModel):
+    concurrency: int = Field(default=2, ge=1)
+    max_tasks_per_child: int = Field(default=0, ge=0)
+
+
+class Settings(BaseSettings):
+    """All of Herald's configuration."""
+
+    model_config = SettingsConfigDict(env_prefix="HERALD_", env_nested_delimiter="__", extra="ignore")
+
+    data_dir: Path = Path("herald-data")
+    log_level: str = "INFO"
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    token_secret: SecretStr = SecretStr("")
+
+    @model_validator(mode="after")
+    def _lease_covers_timeouts(self) -> Settings:
+        if self.dispatch.lease_s <= self.webhook.total_timeout_s:
+            raise ValueError(
+                f"HERALD_DISPATCH__LEASE_S: must exceed HERALD_WEBHOOK__TOTAL_TIMEOUT_S "
+                f"({self.webhook.total_timeout_s}), got {self.dispatch.lease_s}"
+            )
+        return self
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{(self.data_dir / 'herald.db').resolve()}"
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.url or f"unix://{(self.data_dir / 'redis.sock').resolve()}"
+
+    @property
+    def broker_url(self) -> str:
+        """The Celery broker URL (kombu spells a unix socket ``redis+socket://``)."""
+        url = self.redis_url
+        if url.startswith("unix://"):
+            return "redis+socket://" + url.removeprefix("unix://")
+        return url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment (CLI and servers only)."""
+    return Settings()

@@ -1,0 +1,22 @@
+"""Every Redis key Herald uses (besides Celery's own), built from one prefix."""
+
+from __future__ import annotations
+
+
+def wake(prefix: str) -> str:
+    """A list the API pushes to after commit; the dispatcher blocks on it."""
+    return f"{prefix}:dispatch:wake"
+
+
+def latency(prefix: str, lane: str, channel: str) -> str:
+    """A hash of attempt-latency histogram buckets, written by workers, read by /metrics."""
+    return f"{prefix}:metrics:latency:{lane}:{channel}"
+
+
+def latency_pattern(prefix: str) -> str:
+    return f"{prefix}:metrics:latency:*"
+
+
+def rate(prefix: str, endpoint_id: str, second: int) -> str:
+    """A per-endpoint counter for one wall-clock second (endpoint max rate)."""
+    return f"{prefix}:rate:{endpoint_id}:{second}"
