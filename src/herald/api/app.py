@@ -1,0 +1,67 @@
+"""The HTTP API: ``create_app(settings)`` builds it; nothing is created at import time."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Any
+
+import redis
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from herald import __version__, keys
+from herald.api import problems
+from herald.api.limits import BodyLimit
+from herald.api.routes import deliveries, endpoints, events, ops
+from herald.config import LANES, Settings
+from herald.metrics import HeraldCollector
+from herald.store.db import make_engine, make_sessionmaker
+
+logger = logging.getLogger(__name__)
+
+
+def make_redis(settings: Settings) -> redis.Redis[Any]:
+    return redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(title="Herald", version=__version__)
+    engine = make_engine(settings.database_url, pool_size=settings.database.pool_size)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessions = make_sessionmaker(engine)
+    app.state.redis = make_redis(settings)
+    app.state.allow_networks = [ipaddress.ip_network(n, strict=False) for n in settings.webhook.allow_networks]
+    wake_key = keys.wake(settings.redis.key_prefix)
+
+    def wake() -> None:
+        # The rows are committed: if Redis is down the dispatcher's tick still finds them.
+        try:
+            pipe = app.state.redis.pipeline(transaction=False)
+            pipe.rpush(wake_key, 1)
+            pipe.ltrim(wake_key, -16, -1)
+            pipe.execute()
+        except redis.RedisError:
+            logger.warning("could not wake the dispatcher; it will find the work on its next tick")
+
+    app.state.wake = wake
+    registry = CollectorRegistry()
+    registry.register(
+        HeraldCollector(
+            sessions=app.state.sessions, client=app.state.redis, prefix=settings.redis.key_prefix, lanes=LANES
+        )
+    )
+    app.state.registry = registry
+    problems.install(app)
+    for module in (endpoints, events, deliveries, ops):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The uvicorn factory for ``herald api``: settings from ``HERALD_*`` variables."""
+    from herald.config import get_settings
+
+    return create_app(get_settings())

@@ -1,0 +1,79 @@
+"""Events: accept one or a batch (202 after commit), read one back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from sqlalchemy.exc import IntegrityError
+
+from herald.api.deps import SessionDep, TenantDep
+from herald.api.schemas import BatchAccepted, BatchIn, DeliveryBrief, EventAccepted, EventIn, EventOut
+from herald.intake import NewEvent, accept_events
+from herald.store import queries
+from herald.store.models import Tenant, utcnow
+
+router = APIRouter(prefix="/v1/events", tags=["events"])
+
+
+def _new(event: EventIn) -> NewEvent:
+    return NewEvent(
+        type=event.type,
+        subject=event.subject,
+        data=event.data,
+        lane=event.lane,
+        endpoint_ids=event.endpoint_ids,
+        idempotency_key=event.idempotency_key,
+    )
+
+
+def _accepted(request: Request, answer: dict[str, Any]) -> EventAccepted:
+    return EventAccepted(**answer, status_url=str(request.url_for("read_event", event_id=answer["id"])))
+
+
+def _accept(request: Request, session: SessionDep, tenant: Tenant, events: list[EventIn], prefix: str) -> list[Any]:
+    try:
+        answers = accept_events(
+            session=session, tenant=tenant, events=[_new(e) for e in events], now=utcnow(), field_prefix=prefix
+        )
+        session.commit()
+    except IntegrityError:
+        # A concurrent request with the same idempotency key committed first: answer as it did.
+        session.rollback()
+        answers = accept_events(
+            session=session, tenant=tenant, events=[_new(e) for e in events], now=utcnow(), field_prefix=prefix
+        )
+        session.commit()
+    request.app.state.wake()
+    return answers
+
+
+@router.post("", status_code=202, response_model=EventAccepted)
+def create_event(body: EventIn, request: Request, session: SessionDep, tenant: TenantDep) -> EventAccepted:
+    """Accept an event: its deliveries are committed before this answers, then sent by workers."""
+    [answer] = _accept(request, session, tenant, [body], "")
+    return _accepted(request, answer)
+
+
+@router.post("/batch", status_code=202, response_model=BatchAccepted)
+def create_events(body: BatchIn, request: Request, session: SessionDep, tenant: TenantDep) -> BatchAccepted:
+    """Accept up to 1,000 events in one transaction: all or none."""
+    answers = _accept(request, session, tenant, body.events, "events.")
+    return BatchAccepted(events=[_accepted(request, a) for a in answers])
+
+
+@router.get("/{event_id}", response_model=EventOut)
+def read_event(event_id: str, session: SessionDep, tenant: TenantDep) -> EventOut:
+    event = queries.get_event(session=session, tenant_id=tenant.id, event_id=event_id)
+    deliveries = queries.deliveries_of_event(session=session, event_id=event.id)
+    return EventOut(
+        id=event.id,
+        type=event.type,
+        subject=event.subject,
+        lane=event.lane,
+        data=event.data,
+        created_at=event.created_at,
+        deliveries=[
+            DeliveryBrief(id=d.id, endpoint_id=d.endpoint_id, channel=d.channel, state=d.state) for d in deliveries
+        ],
+    )

@@ -1,0 +1,317 @@
+"""The ``herald`` command. Every option falls back to a ``HERALD_*`` variable, shown in ``--help``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+from pydantic import ValidationError as SettingsValidationError
+
+from herald import logs
+from herald.config import LANES, Settings, get_settings
+from herald.errors import HeraldError
+
+logger = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def settings() -> Settings:
+    try:
+        return get_settings()
+    except SettingsValidationError as exc:
+        first = exc.errors()[0]
+        raise click.ClickException(f"bad setting: {first['msg']}") from None
+
+
+def handles_errors(func: F) -> F:
+    """Map ``HeraldError`` to a clean message and exit code 2 (1 for internal errors)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except HeraldError as exc:
+            click.echo(f"error: {exc.message}", err=True)
+            sys.exit(2 if exc.status < 500 else 1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group()
+@click.option("--log-level", envvar="HERALD_LOG_LEVEL", default="INFO", show_envvar=True, show_default=True)
+def main(log_level: str) -> None:
+    """Herald: notifications and background jobs on Celery + Redis."""
+    logs.configure(log_level)
+
+
+@main.command()
+def up() -> None:
+    """Run everything on this machine: embedded Redis, SQLite, API, dispatcher, workers, beat."""
+    from herald.supervisor import Supervisor
+
+    s = settings()
+    if not s.webhook.allow_networks:
+        logger.warning("local mode: webhooks to loopback allowed (set HERALD_WEBHOOK__ALLOW_NETWORKS to change)")
+        import os
+
+        os.environ["HERALD_WEBHOOK__ALLOW_NETWORKS"] = "127.0.0.0/8,::1/128"
+    sys.exit(Supervisor(s).run())
+
+
+@main.command()
+@handles_errors
+def migrate() -> None:
+    """Apply database migrations (safe to run repeatedly)."""
+    from herald.store.db import make_engine
+    from herald.store.migrate import upgrade
+
+    s = settings()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(make_engine(s.database_url))
+    click.echo("database is up to date")
+
+
+@main.command()
+@click.option("--host", envvar="HERALD_API__HOST", show_envvar=True, default=None, help="default 127.0.0.1")
+@click.option("--port", envvar="HERALD_API__PORT", show_envvar=True, type=int, default=None, help="default 8000")
+@click.option("--workers", envvar="HERALD_API__WORKERS", show_envvar=True, type=int, default=1, show_default=True)
+def api(host: str | None, port: int | None, workers: int) -> None:
+    """Serve the HTTP API."""
+    import uvicorn
+
+    s = settings()
+    uvicorn.run(
+        "herald.api.app:app_from_env",
+        factory=True,
+        host=host or s.api.host,
+        port=port if port is not None else s.api.port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+    )
+
+
+@main.command()
+@click.option("--lanes", envvar="HERALD_WORKER__LANES", show_envvar=True, default=",".join(LANES), show_default=True)
+@click.option("--concurrency", envvar="HERALD_WORKER__CONCURRENCY", show_envvar=True, type=int, default=None)
+@click.option("--name", envvar="HERALD_WORKER__NAME", show_envvar=True, default=None)
+def worker(lanes: str, concurrency: int | None, name: str | None) -> None:
+    """Run a Celery worker consuming the given lanes."""
+    from herald.worker.celery_app import make_celery
+
+    chosen = [lane.strip() for lane in lanes.split(",") if lane.strip()]
+    unknown = [lane for lane in chosen if lane not in LANES]
+    if unknown or not chosen:
+        raise click.BadParameter(f"unknown lane {unknown[0] if unknown else ''!r}; lanes are {', '.join(LANES)}")
+    s = settings()
+    app = make_celery(s)
+    argv = [
+        "worker",
+        "-Q", ",".join(chosen),
+        "-c", str(concurrency or s.worker.concurrency),
+        "-n", name or f"herald-{'-'.join(chosen)}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "-l", s.log_level,
+    ]  # fmt: skip
+    if s.worker.max_tasks_per_child:
+        argv += ["--max-tasks-per-child", str(s.worker.max_tasks_per_child)]
+    app.worker_main(argv)
+
+
+@main.command()
+def scheduler() -> None:
+    """Run the dispatcher: claims due deliveries, publishes batches, reconciles lost ones."""
+    from herald.api.app import make_redis
+    from herald.dispatch.dispatcher import Dispatcher
+    from herald.store.db import make_engine, make_sessionmaker
+    from herald.worker.celery_app import make_celery
+
+    s = settings()
+    dispatcher = Dispatcher(
+        settings=s,
+        sessions=make_sessionmaker(make_engine(s.database_url)),
+        celery=make_celery(s),
+        client=make_redis(s),
+    )
+    signal.signal(signal.SIGTERM, lambda *_: dispatcher.stop())
+    signal.signal(signal.SIGINT, lambda *_: dispatcher.stop())
+    dispatcher.run()
+
+
+@main.command()
+def beat() -> None:
+    """Run Celery beat for Herald's periodic jobs."""
+    from herald.worker.celery_app import make_celery
+
+    s = settings()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    app = make_celery(s)
+    app.Beat(schedule=str((s.data_dir / "beat-schedule").resolve()), loglevel=s.log_level).run()
+
+
+# ------------------------------------------------------------------ tenants
+
+
+@main.group()
+def tenants() -> None:
+    """Create tenants and manage their API keys."""
+
+
+def _sessions() -> Any:
+    from herald.store.db import make_engine, make_sessionmaker
+
+    return make_sessionmaker(make_engine(settings().database_url))
+
+
+@tenants.command("create")
+@click.argument("name")
+@click.option("--max-attempts", type=click.IntRange(1, 100), default=None, help="retry attempts for this tenant")
+@click.option("--retry-window-s", type=click.IntRange(1), default=None, help="retry window for this tenant")
+@handles_errors
+def tenants_create(name: str, max_attempts: int | None, retry_window_s: int | None) -> None:
+    """Create tenant NAME and print its first API key (shown once)."""
+    from herald.store import queries
+    from herald.store.db import transaction
+
+    with transaction(_sessions()) as session:
+        tenant = queries.create_tenant(session=session, name=name)
+        tenant.retry_max_attempts = max_attempts
+        tenant.retry_window_s = retry_window_s
+        _, raw = queries.create_api_key(session=session, tenant_id=tenant.id)
+    click.echo(f"tenant {tenant.id} ({name}) created")
+    click.echo(f"API key (shown once, store it now): {raw}")
+
+
+@tenants.command("list")
+@handles_errors
+def tenants_list() -> None:
+    """List tenants."""
+    from herald.store import queries
+
+    with _sessions()() as session:
+        for tenant in queries.list_tenants(session=session):
+            click.echo(f"{tenant.id}\t{tenant.name}\t{tenant.created_at.isoformat()}")
+
+
+@tenants.command("create-key")
+@click.argument("tenant")
+@handles_errors
+def tenants_create_key(tenant: str) -> None:
+    """Add an API key to TENANT (id or name); several keys can be active."""
+    from herald.store import queries
+    from herald.store.db import transaction
+
+    with transaction(_sessions()) as session:
+        found = queries.get_tenant(session=session, ref=tenant)
+        _, raw = queries.create_api_key(session=session, tenant_id=found.id)
+    click.echo(f"API key (shown once, store it now): {raw}")
+
+
+@tenants.command("keys")
+@click.argument("tenant")
+@handles_errors
+def tenants_keys(tenant: str) -> None:
+    """List TENANT's keys by prefix (the keys themselves are never stored)."""
+    from herald.store import queries
+
+    with _sessions()() as session:
+        found = queries.get_tenant(session=session, ref=tenant)
+        for key in queries.list_api_keys(session=session, tenant_id=found.id):
+            state = f"revoked {key.revoked_at.isoformat()}" if key.revoked_at else "active"
+            click.echo(f"hk_{key.prefix}_…\t{key.created_at.isoformat()}\t{state}")
+
+
+@tenants.command("revoke-key")
+@click.argument("prefix")
+@handles_errors
+def tenants_revoke_key(prefix: str) -> None:
+    """Revoke the key whose prefix is PREFIX (as `herald tenants keys` shows it)."""
+    from herald.store import queries
+    from herald.store.db import transaction
+
+    clean = prefix.removeprefix("hk_").split("_", 1)[0].rstrip("…")
+    with transaction(_sessions()) as session:
+        queries.revoke_api_key(session=session, prefix=clean)
+    click.echo(f"key hk_{clean}_… revoked")
+
+
+# ------------------------------------------------------------------ dead letters
+
+
+@main.group()
+def dlq() -> None:
+    """Inspect and replay dead deliveries."""
+
+
+@dlq.command("list")
+@click.option("--tenant", required=True, help="tenant id or name")
+@click.option("--endpoint", default=None)
+@click.option("--event-type", default=None)
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+@handles_errors
+def dlq_list(tenant: str, endpoint: str | None, event_type: str | None, limit: int, as_json: bool) -> None:
+    """List dead deliveries with their last error."""
+    from herald.store import queries
+    from herald.store.models import DeliveryState
+
+    with _sessions()() as session:
+        found = queries.get_tenant(session=session, ref=tenant)
+        where = queries.DeliveryFilter(state=DeliveryState.dead, endpoint_id=endpoint, event_type=event_type)
+        for d in queries.list_deliveries(session=session, tenant_id=found.id, where=where, cursor=None, limit=limit):
+            if as_json:
+                click.echo(json.dumps({"id": d.id, "endpoint_id": d.endpoint_id, "event_type": d.event_type,
+                                       "attempts": d.attempts, "last_error": d.last_error}))  # fmt: skip
+            else:
+                click.echo(f"{d.id}\t{d.endpoint_id}\t{d.event_type}\t{d.attempts}\t{d.last_error or ''}")
+
+
+@dlq.command("replay")
+@click.option("--tenant", required=True, help="tenant id or name")
+@click.option("--id", "ids", multiple=True, help="a delivery id (repeatable)")
+@click.option("--endpoint", default=None, help="replay every dead delivery of this endpoint")
+@click.option("--event-type", default=None)
+@click.option("--all", "everything", is_flag=True, help="replay every dead delivery of the tenant")
+@click.option("--force", is_flag=True, help="also re-send deliveries that are no longer dead")
+@handles_errors
+def dlq_replay(
+    tenant: str, ids: tuple[str, ...], endpoint: str | None, event_type: str | None, everything: bool, force: bool
+) -> None:
+    """Re-send dead deliveries with their ids unchanged."""
+    from herald.api.app import make_redis
+    from herald.errors import ValidationError
+    from herald.store import queries
+    from herald.store.db import transaction
+    from herald.store.models import DeliveryState, utcnow
+
+    if not ids and not (endpoint or event_type or everything):
+        raise ValidationError("give --id, --endpoint, --event-type or --all")
+    s = settings()
+    with transaction(_sessions()) as session:
+        found = queries.get_tenant(session=session, ref=tenant)
+        where = None
+        if not ids:
+            state = None if force else DeliveryState.dead
+            where = queries.DeliveryFilter(state=state, endpoint_id=endpoint, event_type=event_type)
+        replayed, skipped = queries.replay(
+            session=session, tenant_id=found.id, ids=list(ids) or None, where=where, force=force, now=utcnow()
+        )
+    if replayed:
+        from herald import keys
+
+        try:
+            make_redis(s).rpush(keys.wake(s.redis.key_prefix), 1)
+        except Exception:
+            logger.warning("could not wake the dispatcher; it will find the work on its next tick")
+    click.echo(f"replayed {len(replayed)}, skipped {len(skipped)}")
+
+
+if __name__ == "__main__":
+    main()

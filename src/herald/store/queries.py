@@ -1,0 +1,377 @@
+"""Store operations. Keyword-only, session first; callers own the transaction."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets as pysecrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Select, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from herald.errors import AuthError, ConflictError, NotFoundError
+from herald.store.ids import new_id
+from herald.store.models import (
+    ApiKey,
+    Attempt,
+    Delivery,
+    DeliveryState,
+    Endpoint,
+    EndpointSecret,
+    Event,
+    IdempotencyRecord,
+    Tenant,
+    utcnow,
+)
+
+# ---------------------------------------------------------------- tenants and keys
+
+KEY_PREFIX = "hk"
+
+
+def _hash_key(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def create_tenant(*, session: Session, name: str) -> Tenant:
+    if session.scalar(select(Tenant.id).where(Tenant.name == name)):
+        raise ConflictError(f"name: a tenant with this name exists, got {name!r}", field="name")
+    tenant = Tenant(id=new_id("ten"), name=name)
+    session.add(tenant)
+    session.flush()
+    return tenant
+
+
+def get_tenant(*, session: Session, ref: str) -> Tenant:
+    """A tenant by id or by name."""
+    tenant = session.scalar(select(Tenant).where(or_(Tenant.id == ref, Tenant.name == ref)))
+    if tenant is None:
+        raise NotFoundError(f"tenant: no such tenant, got {ref!r}", field="tenant")
+    return tenant
+
+
+def list_tenants(*, session: Session) -> Sequence[Tenant]:
+    return session.scalars(select(Tenant).order_by(Tenant.created_at)).all()
+
+
+def create_api_key(*, session: Session, tenant_id: str) -> tuple[ApiKey, str]:
+    """A new key for the tenant; the plaintext is returned once and only its hash is stored."""
+    prefix = pysecrets.token_hex(6)
+    raw = f"{KEY_PREFIX}_{prefix}_{pysecrets.token_urlsafe(32)}"
+    key = ApiKey(id=new_id("key"), tenant_id=tenant_id, prefix=prefix, key_hash=_hash_key(raw))
+    session.add(key)
+    session.flush()
+    return key, raw
+
+
+def list_api_keys(*, session: Session, tenant_id: str) -> Sequence[ApiKey]:
+    return session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at)).all()
+
+
+def revoke_api_key(*, session: Session, prefix: str) -> ApiKey:
+    key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+    if key is None:
+        raise NotFoundError(f"key: no key with this prefix, got {prefix!r}", field="key")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+    return key
+
+
+def authenticate(*, session: Session, raw: str) -> Tenant:
+    """The tenant of an API key: looked up by prefix, compared in constant time."""
+    parts = raw.split("_", 2)
+    if len(parts) != 3 or parts[0] != KEY_PREFIX:
+        raise AuthError("authorization: malformed API key")
+    key = session.scalar(select(ApiKey).where(ApiKey.prefix == parts[1]))
+    expected = key.key_hash if key is not None else "0" * 64
+    if not hmac.compare_digest(expected, _hash_key(raw)) or key is None:
+        raise AuthError("authorization: unknown API key")
+    if key.revoked_at is not None:
+        raise AuthError("authorization: API key revoked")
+    tenant = session.get(Tenant, key.tenant_id)
+    if tenant is None:
+        raise AuthError("authorization: unknown API key")
+    return tenant
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+def get_endpoint(*, session: Session, tenant_id: str, endpoint_id: str) -> Endpoint:
+    endpoint = session.get(Endpoint, endpoint_id)
+    if endpoint is None or endpoint.tenant_id != tenant_id:
+        raise NotFoundError(f"endpoint_id: no such endpoint, got {endpoint_id!r}", field="endpoint_id")
+    return endpoint
+
+
+def list_endpoints(*, session: Session, tenant_id: str, cursor: str | None, limit: int) -> Sequence[Endpoint]:
+    query = select(Endpoint).where(Endpoint.tenant_id == tenant_id)
+    return session.scalars(_page(query, Endpoint.id, cursor, limit)).all()
+
+
+def active_secrets(*, session: Session, endpoint_ids: Sequence[str], now: datetime) -> dict[str, list[str]]:
+    """The signing secrets of each endpoint, newest first (rotated ones until their grace ends)."""
+    rows = session.execute(
+        select(EndpointSecret.endpoint_id, EndpointSecret.secret)
+        .where(EndpointSecret.endpoint_id.in_(endpoint_ids))
+        .where(or_(EndpointSecret.expires_at.is_(None), EndpointSecret.expires_at > now))
+        .order_by(EndpointSecret.created_at.desc(), EndpointSecret.id.desc())
+    ).all()
+    out: dict[str, list[str]] = {}
+    for endpoint_id, secret in rows:
+        out.setdefault(endpoint_id, []).append(secret)
+    return out
+
+
+def add_secret(*, session: Session, endpoint_id: str, secret: str, grace_s: float) -> None:
+    """Make ``secret`` current; the previous current secret keeps signing for ``grace_s``."""
+    now = utcnow()
+    session.execute(
+        update(EndpointSecret)
+        .where(EndpointSecret.endpoint_id == endpoint_id)
+        .where(or_(EndpointSecret.expires_at.is_(None), EndpointSecret.expires_at > now + timedelta(seconds=grace_s)))
+        .values(expires_at=now + timedelta(seconds=grace_s))
+    )
+    session.add(EndpointSecret(id=new_id("sec"), endpoint_id=endpoint_id, secret=secret, created_at=now))
+    session.flush()
+
+
+def matching_endpoints(*, session: Session, tenant_id: str, event_type: str) -> list[Endpoint]:
+    endpoints = session.scalars(
+        select(Endpoint).where(Endpoint.tenant_id == tenant_id, Endpoint.enabled.is_(True)).order_by(Endpoint.id)
+    ).all()
+    return [e for e in endpoints if type_matches(e.event_types, event_type)]
+
+
+def type_matches(filters: Sequence[str] | None, event_type: str) -> bool:
+    """``None`` matches everything; ``ticket.*`` matches ``ticket.escalated``."""
+    if not filters:
+        return True
+    for pattern in filters:
+        if pattern == event_type or (pattern.endswith(".*") and event_type.startswith(pattern[:-1])) or pattern == "*":
+            return True
+    return False
+
+
+# ---------------------------------------------------------------- idempotency
+
+
+def find_idempotent(*, session: Session, tenant_id: str, key: str, request_hash: str) -> dict[str, Any] | None:
+    """The stored answer for ``key``, or None; a different body under the same key is a conflict."""
+    record = session.get(IdempotencyRecord, (tenant_id, key))
+    if record is None:
+        return None
+    if record.request_hash != request_hash:
+        raise ConflictError(
+            f"idempotency_key: already used with a different request, got {key!r}", field="idempotency_key"
+        )
+    return record.response
+
+
+def save_idempotent(*, session: Session, tenant_id: str, key: str, request_hash: str, response: dict[str, Any]) -> None:
+    session.add(IdempotencyRecord(tenant_id=tenant_id, key=key, request_hash=request_hash, response=response))
+
+
+# ---------------------------------------------------------------- reading deliveries
+
+
+def get_event(*, session: Session, tenant_id: str, event_id: str) -> Event:
+    event = session.get(Event, event_id)
+    if event is None or event.tenant_id != tenant_id:
+        raise NotFoundError(f"event_id: no such event, got {event_id!r}", field="event_id")
+    return event
+
+
+def deliveries_of_event(*, session: Session, event_id: str) -> Sequence[Delivery]:
+    return session.scalars(select(Delivery).where(Delivery.event_id == event_id).order_by(Delivery.id)).all()
+
+
+def get_delivery(*, session: Session, tenant_id: str, delivery_id: str) -> Delivery:
+    delivery = session.get(Delivery, delivery_id)
+    if delivery is None or delivery.tenant_id != tenant_id:
+        raise NotFoundError(f"delivery_id: no such delivery, got {delivery_id!r}", field="delivery_id")
+    return delivery
+
+
+def attempts_of(*, session: Session, delivery_id: str) -> Sequence[Attempt]:
+    return session.scalars(select(Attempt).where(Attempt.delivery_id == delivery_id).order_by(Attempt.number)).all()
+
+
+@dataclass(frozen=True)
+class DeliveryFilter:
+    state: str | None = None
+    subject: str | None = None
+    endpoint_id: str | None = None
+    event_type: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+    def apply(self, query: Select[Any]) -> Select[Any]:
+        if self.state:
+            query = query.where(Delivery.state == self.state)
+        if self.subject:
+            query = query.where(Delivery.subject == self.subject)
+        if self.endpoint_id:
+            query = query.where(Delivery.endpoint_id == self.endpoint_id)
+        if self.event_type:
+            query = query.where(Delivery.event_type == self.event_type)
+        if self.created_after:
+            query = query.where(Delivery.created_at >= self.created_after)
+        if self.created_before:
+            query = query.where(Delivery.created_at < self.created_before)
+        return query
+
+
+def _page(query: Select[Any], id_column: Any, cursor: str | None, limit: int) -> Select[Any]:
+    if cursor:
+        query = query.where(id_column > cursor)
+    return query.order_by(id_column).limit(limit)
+
+
+def list_deliveries(
+    *, session: Session, tenant_id: str, where: DeliveryFilter, cursor: str | None, limit: int
+) -> Sequence[Delivery]:
+    query = where.apply(select(Delivery).where(Delivery.tenant_id == tenant_id))
+    return session.scalars(_page(query, Delivery.id, cursor, limit)).all()
+
+
+# ---------------------------------------------------------------- dispatching
+
+
+def claim_due(*, session: Session, lane: str, limit: int, lease_s: float, now: datetime) -> list[str]:
+    """Take up to ``limit`` due deliveries of ``lane``: clear ``due_at``, set a lease, state queued.
+
+    On PostgreSQL concurrent dispatchers skip each other's locked rows.
+    """
+    due = (
+        select(Delivery.id)
+        .where(Delivery.lane == lane, Delivery.due_at <= now)
+        .order_by(Delivery.due_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    ids = list(session.scalars(due).all())
+    if ids:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(ids))
+            .values(
+                due_at=None,
+                lease_until=now + timedelta(seconds=lease_s),
+                state=DeliveryState.queued,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+    return ids
+
+
+def release(*, session: Session, ids: Sequence[str], now: datetime) -> None:
+    """Put claimed deliveries back to due (their Celery message could not be published)."""
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(ids), Delivery.state == DeliveryState.queued)
+        .values(due_at=now, lease_until=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def in_flight(*, session: Session, lane: str) -> int:
+    """Deliveries of ``lane`` handed to the broker and not finished."""
+    return session.scalar(
+        select(func.count()).select_from(Delivery).where(Delivery.lane == lane, Delivery.lease_until.is_not(None))
+    ) or 0
+
+
+def reconcile(*, session: Session, now: datetime) -> int:
+    """Return deliveries whose lease passed (message lost, worker killed) to due. Returns how many."""
+    result = session.execute(
+        update(Delivery)
+        .where(Delivery.lease_until < now)
+        .where(Delivery.state.in_([DeliveryState.queued, DeliveryState.sending]))
+        .values(due_at=now, lease_until=None, state=DeliveryState.queued, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def backlog(*, session: Session, now: datetime) -> dict[str, tuple[int, datetime | None]]:
+    """Per lane: how many deliveries are due now, and when the oldest became due."""
+    rows = session.execute(
+        select(Delivery.lane, func.count(), func.min(Delivery.due_at))
+        .where(Delivery.due_at <= now)
+        .group_by(Delivery.lane)
+    ).all()
+    return {lane: (count, oldest) for lane, count, oldest in rows}
+
+
+def state_counts(*, session: Session) -> list[tuple[str, str, str, int]]:
+    """(state, lane, channel, count) over every delivery."""
+    rows = session.execute(
+        select(Delivery.state, Delivery.lane, Delivery.channel, func.count()).group_by(
+            Delivery.state, Delivery.lane, Delivery.channel
+        )
+    ).all()
+    return [(s, lane, c, n) for s, lane, c, n in rows]
+
+
+# ---------------------------------------------------------------- dead letters
+
+
+def replay(
+    *, session: Session, tenant_id: str, ids: Sequence[str] | None, where: DeliveryFilter | None, force: bool, now: datetime
+) -> tuple[list[str], list[str]]:
+    """Re-send dead deliveries with their ids unchanged. Returns (replayed, skipped).
+
+    Without ``force`` only deliveries that are dead now are replayed, so replaying the same ids
+    twice sends nothing the second time; ``force`` also re-sends delivered, expired and retrying ones.
+    Deliveries that are in flight are always skipped.
+    """
+    query = select(Delivery.id, Delivery.state).where(Delivery.tenant_id == tenant_id)
+    if ids is not None:
+        query = query.where(Delivery.id.in_(ids))
+    if where is not None:
+        query = where.apply(query)
+    found = dict(session.execute(query.with_for_update()).tuples().all())
+    if ids is not None:
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise NotFoundError(f"ids: no such delivery, got {missing[0]!r}", field="ids")
+    allowed = {DeliveryState.dead} | (
+        {DeliveryState.delivered, DeliveryState.expired, DeliveryState.retrying} if force else set()
+    )
+    chosen = [i for i, state in found.items() if state in allowed]
+    skipped = [i for i in found if i not in set(chosen)]
+    if chosen:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(chosen))
+            .values(
+                state=DeliveryState.queued,
+                due_at=now,
+                lease_until=None,
+                attempts=0,
+                first_attempt_at=None,
+                finished_at=None,
+                deliver_by=None,
+                replays=Delivery.replays + 1,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+    return sorted(chosen), sorted(skipped)
+
+
+def disable_endpoints(*, session: Session, ids: Sequence[str], reason: str) -> None:
+    if ids:
+        session.execute(
+            update(Endpoint)
+            .where(Endpoint.id.in_(ids))
+            .values(enabled=False, disabled_reason=reason, updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+

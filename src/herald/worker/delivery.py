@@ -1,0 +1,288 @@
+"""Delivering a batch: take the rows, send concurrently, record every outcome in one write.
+
+One ``Runtime`` per worker process holds the database engine, the Redis client, one asyncio
+loop and one webhook channel (one aiohttp session), all reused across tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import redis
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from herald import keys
+from herald.channels.base import Sent, WebhookMessage
+from herald.channels.webhook import WebhookChannel
+from herald.config import Settings
+from herald.errors import ChannelError, PermanentChannelError, TransientChannelError
+from herald.logs import redact
+from herald.metrics import record_latencies
+from herald.store import queries
+from herald.store.db import make_engine, make_sessionmaker
+from herald.store.models import Attempt, Delivery, DeliveryState, Endpoint, Event, Tenant, utcnow
+from herald.worker.retry import Action, RetryPolicy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    delivery: Delivery
+    policy: RetryPolicy
+    message: WebhookMessage
+
+
+@dataclass
+class Result:
+    job: Job
+    started_at: datetime
+    latency_ms: int
+    sent: Sent | None
+    error: ChannelError | None
+
+
+def webhook_body(event: Event) -> bytes:
+    """The payload of every webhook for ``event``: the same bytes on every attempt."""
+    payload = {
+        "id": event.id,
+        "type": event.type,
+        "subject": event.subject,
+        "timestamp": event.created_at.isoformat(),
+        "data": event.data,
+    }
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class Runtime:
+    """Per-process delivery machinery."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.database_url, pool_size=2)
+        self.sessions = make_sessionmaker(self.engine)
+        self.redis: redis.Redis[Any] = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+        self.loop = asyncio.new_event_loop()
+        self.channel = WebhookChannel(settings.webhook)
+        self.loop.run_until_complete(self.channel.start())
+        self.rng = random.Random()
+
+    def deliver(self, ids: list[str]) -> None:
+        """Send the deliveries ``ids`` that are still ours to send; record what happened."""
+        jobs = self._take(ids)
+        if not jobs:
+            return
+        results = self.loop.run_until_complete(self._send_all(jobs))
+        self._record(results)
+
+    async def _send_all(self, jobs: list[Job]) -> list[Result]:
+        return list(await asyncio.gather(*(self._send(job) for job in jobs)))
+
+    def _take(self, ids: list[str]) -> list[Job]:
+        now = utcnow()
+        lease_until = now + timedelta(seconds=self.settings.dispatch.lease_s)
+        with self.sessions() as session, session.begin():
+            # Only rows the dispatcher handed out (queued, no due_at) are taken: a duplicate
+            # message for rows that are already sending, finished or due again finds nothing.
+            taken = list(
+                session.scalars(
+                    update(Delivery)
+                    .where(Delivery.id.in_(ids), Delivery.state == DeliveryState.queued, Delivery.due_at.is_(None))
+                    .values(state=DeliveryState.sending, lease_until=lease_until, updated_at=now)
+                    .returning(Delivery.id)
+                    .execution_options(synchronize_session=False)
+                )
+            )
+            if not taken:
+                return []
+            rows = session.execute(
+                select(Delivery, Event, Endpoint, Tenant)
+                .join(Event, Event.id == Delivery.event_id)
+                .join(Tenant, Tenant.id == Delivery.tenant_id)
+                .outerjoin(Endpoint, Endpoint.id == Delivery.endpoint_id)
+                .where(Delivery.id.in_(taken))
+            ).all()
+            secrets = queries.active_secrets(
+                session=session, endpoint_ids=list({e.id for _, _, e, _ in rows if e is not None}), now=now
+            )
+            jobs: list[Job] = []
+            finished: list[dict[str, Any]] = []
+            for delivery, event, endpoint, tenant in rows:
+                if delivery.deliver_by is not None and delivery.deliver_by <= now:
+                    finished.append(_finish(delivery, DeliveryState.expired, "deliver_by passed before sending", now))
+                elif endpoint is None or not endpoint.enabled:
+                    finished.append(_finish(delivery, DeliveryState.dead, "endpoint disabled or deleted", now))
+                else:
+                    policy = RetryPolicy.from_settings(
+                        self.settings.retry, max_attempts=tenant.retry_max_attempts, window_s=tenant.retry_window_s
+                    )
+                    message = WebhookMessage(
+                        delivery_id=delivery.id,
+                        url=endpoint.url,
+                        secrets=secrets.get(endpoint.id, []),
+                        body=webhook_body(event),
+                    )
+                    jobs.append(Job(delivery, policy, message))
+            jobs = self._rate_limit(session, jobs, rows, now)
+            if finished:
+                session.execute(update(Delivery), finished)
+        return jobs
+
+    def _rate_limit(self, session: Session, jobs: list[Job], rows: Any, now: datetime) -> list[Job]:
+        """Hold back what would exceed an endpoint's ``max_rate_per_s`` this second."""
+        limits = {e.id: e.max_rate_per_s for _, _, e, _ in rows if e is not None and e.max_rate_per_s}
+        if not limits:
+            return jobs
+        wanted = Counter(j.delivery.endpoint_id for j in jobs if j.delivery.endpoint_id in limits)
+        second = int(time.time())
+        allowed: dict[str, int] = {}
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for endpoint_id, count in wanted.items():
+                key = keys.rate(self.settings.redis.key_prefix, endpoint_id, second)
+                pipe.incrby(key, count)
+                pipe.expire(key, 5)
+            totals = pipe.execute()[0::2]
+            for (endpoint_id, count), total in zip(wanted.items(), totals, strict=True):
+                allowed[endpoint_id] = max(0, limits[endpoint_id] - (int(total) - count))
+        except redis.RedisError:
+            return jobs  # Without Redis we cannot count; sending beats stalling.
+        kept: list[Job] = []
+        deferred: list[dict[str, Any]] = []
+        held: Counter[str] = Counter()
+        for job in jobs:
+            endpoint_id = job.delivery.endpoint_id
+            if endpoint_id in allowed:
+                if allowed[endpoint_id] > 0:
+                    allowed[endpoint_id] -= 1
+                else:
+                    wait_s = 1 + held[endpoint_id] // limits[endpoint_id]
+                    held[endpoint_id] += 1
+                    deferred.append(
+                        {
+                            "id": job.delivery.id,
+                            "state": DeliveryState.queued,
+                            "due_at": now.replace(microsecond=0) + timedelta(seconds=wait_s),
+                            "lease_until": None,
+                        }
+                    )
+                    continue
+            kept.append(job)
+        if deferred:
+            session.execute(update(Delivery), deferred)
+        return kept
+
+    async def _send(self, job: Job) -> Result:
+        started_at = utcnow()
+        start = time.perf_counter()
+        sent: Sent | None = None
+        error: ChannelError | None = None
+        try:
+            sent = await self.channel.send(job.message)
+        except ChannelError as exc:
+            error = exc
+        except Exception as exc:  # a bug must not lose the delivery: retry it
+            logger.exception("unexpected error sending delivery %s", job.delivery.id)
+            error = TransientChannelError(f"internal error: {type(exc).__name__}")
+        latency_ms = int((time.perf_counter() - start) * 1000)
+        return Result(job, started_at, latency_ms, sent, error)
+
+    def _record(self, results: list[Result]) -> None:
+        now = utcnow()
+        attempts: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        disable: list[str] = []
+        for result in results:
+            delivery = result.job.delivery
+            number = delivery.attempts + 1
+            first = delivery.first_attempt_at or result.started_at
+            decision = result.job.policy.decide(
+                attempt=number,
+                error=result.error,
+                now=now,
+                first_attempt_at=first,
+                deliver_by=delivery.deliver_by,
+                rng=self.rng,
+            )
+            status_code = result.sent.status_code if result.sent else result.error.status_code if result.error else None
+            error_text = redact(result.error.message, limit=300) if result.error else None
+            attempts.append(
+                {
+                    "delivery_id": delivery.id,
+                    "number": number,
+                    "started_at": result.started_at,
+                    "latency_ms": result.latency_ms,
+                    "status_code": status_code,
+                    "outcome": decision.action.value,
+                    "error": error_text,
+                    "decision": redact(decision.reason, limit=300),
+                    "provider": None,
+                }
+            )
+            state = {
+                Action.delivered: DeliveryState.delivered,
+                Action.retry: DeliveryState.retrying,
+                Action.dead: DeliveryState.dead,
+                Action.expired: DeliveryState.expired,
+            }[decision.action]
+            updates.append(
+                {
+                    "id": delivery.id,
+                    "state": state,
+                    "attempts": number,
+                    "first_attempt_at": first,
+                    "due_at": decision.due_at,
+                    "lease_until": None,
+                    "last_status_code": status_code,
+                    "last_error": error_text,
+                    "updated_at": now,
+                    "finished_at": None if decision.action is Action.retry else now,
+                }
+            )
+            if isinstance(result.error, PermanentChannelError) and result.error.disable_endpoint:
+                disable.append(delivery.endpoint_id or "")
+        with self.sessions() as session, session.begin():
+            session.execute(insert(Attempt), attempts)
+            session.execute(update(Delivery), updates)
+            queries.disable_endpoints(session=session, ids=[i for i in disable if i], reason="receiver answered 410 Gone")
+        try:
+            record_latencies(
+                self.redis,
+                prefix=self.settings.redis.key_prefix,
+                observations=[(r.job.delivery.lane, r.job.delivery.channel, r.latency_ms / 1000) for r in results],
+            )
+        except redis.RedisError:
+            logger.warning("could not record attempt latencies")
+
+
+def _finish(delivery: Delivery, state: DeliveryState, reason: str, now: datetime) -> dict[str, Any]:
+    return {
+        "id": delivery.id,
+        "state": state,
+        "lease_until": None,
+        "due_at": None,
+        "last_error": reason,
+        "updated_at": now,
+        "finished_at": now,
+    }
+
+
+_runtime: tuple[int, Runtime] | None = None
+
+
+def runtime_for(settings: Settings) -> Runtime:
+    """This process's runtime, created on first use (after Celery forks its pool processes)."""
+    global _runtime
+    if _runtime is None or _runtime[0] != os.getpid():
+        _runtime = (os.getpid(), Runtime(settings))
+    return _runtime[1]

@@ -1,0 +1,24 @@
+"""Thin Celery tasks: decode ids, call the delivery logic. Names are explicit so that moving a
+module never orphans queued messages."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+
+from herald.config import Settings
+from herald.worker.celery_app import DELIVER_BATCH
+from herald.worker.delivery import runtime_for
+
+logger = logging.getLogger(__name__)
+
+
+def register(app: Celery, settings: Settings) -> None:
+    @app.task(name=DELIVER_BATCH, ignore_result=True)
+    def deliver_batch(ids: list[Any]) -> None:
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            logger.error("deliver_batch: expected a list of delivery ids, dropping message")
+            return
+        runtime_for(settings).deliver(ids)

@@ -1,0 +1,188 @@
+"""Test support: a real webhook receiver on loopback, Herald processes, and waiting helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from standardwebhooks import Webhook
+
+from herald.config import Settings
+
+
+def wait_until(predicate: Callable[[], Any], *, timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}")
+        time.sleep(interval_s)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Received:
+    webhook_id: str
+    timestamp: str
+    body: bytes
+    at: float
+    status: int
+
+
+Behaviour = Callable[[str, int], "int | tuple[int, dict[str, str]]"]
+
+
+@dataclass
+class Receiver:
+    """An aiohttp server in a thread. ``behaviour(webhook_id, nth_call) -> status`` decides answers;
+    every request's signature is verified against ``secrets`` (if any are set)."""
+
+    behaviour: Behaviour = lambda _id, _n: 200  # noqa: E731
+    delay_s: float = 0.0
+    secrets: list[str] = field(default_factory=list)
+    received: list[Received] = field(default_factory=list)
+    bad_signatures: int = 0
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def ids(self) -> set[str]:
+        return {r.webhook_id for r in self.received}
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        if self.secrets and not any(self._verifies(s, body, headers) for s in self.secrets):
+            self.bad_signatures += 1
+        webhook_id = headers.get("webhook-id", "")
+        self.calls[webhook_id] += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        answer = self.behaviour(webhook_id, self.calls[webhook_id])
+        status, extra = answer if isinstance(answer, tuple) else (answer, {})
+        self.received.append(Received(webhook_id, headers.get("webhook-timestamp", ""), body, time.time(), status))
+        return web.Response(status=status, headers=extra, text="ok")
+
+    @staticmethod
+    def _verifies(secret: str, body: bytes, headers: dict[str, str]) -> bool:
+        try:
+            Webhook(secret).verify(body, headers)
+            return True
+        except Exception:
+            return False
+
+    def start(self) -> Receiver:
+        ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+
+        async def serve() -> None:
+            app = web.Application()
+            app.router.add_post("/hook", self._handle)
+            self._runner = web.AppRunner(app, access_log=None)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", self.port or 0, backlog=1024)
+            await site.start()
+            self.port = self._runner.addresses[0][1]
+            ready.set()
+
+        def main() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(serve())
+            self._loop.run_forever()
+            self._loop.run_until_complete(self._runner.cleanup())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=main, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``HERALD_*`` variables that make a child process build the same settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
+    env["HERALD_DATA_DIR"] = str(settings.data_dir)
+    env["HERALD_LOG_LEVEL"] = settings.log_level
+    for group in ("database", "redis", "api", "dispatch", "retry", "webhook", "worker"):
+        for name, value in getattr(settings, group).model_dump().items():
+            if isinstance(value, list):
+                value = ",".join(value)
+            env[f"HERALD_{group.upper()}__{name.upper()}"] = str(value)
+    return env
+
+
+class Processes:
+    """Herald's parts as real child processes (``python -m herald.cli …``), stopped at teardown."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.settings = settings
+        self.env = settings_env(settings)
+        self.log_dir = log_dir
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "herald.cli", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.running[name] = proc
+        return proc
+
+    def worker(self, name: str = "worker", lanes: str = "otp,transactional,bulk", concurrency: int = 2) -> None:
+        self.start(name, "worker", "--lanes", lanes, "--concurrency", str(concurrency), "--name", f"{name}@%h")
+
+    def dispatcher(self, name: str = "dispatcher") -> None:
+        self.start(name, "scheduler")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group (a Celery worker and its pool children)."""
+        proc = self.running.pop(name)
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.wait(30)
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop_all(self) -> None:
+        for name in list(self.running):
+            proc = self.running[name]
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(15)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    self.kill(name)
+                    continue
+            self.running.pop(name, None)
