@@ -22,7 +22,9 @@ from standardwebhooks import Webhook
 from herald.config import Settings
 
 
-def wait_until(predicate: Callable[[], Any], *, timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], *, timeout_s: float = 30.0, interval_s: float = 0.05, what: str = ""
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail with ``what`` after the deadline."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -57,7 +59,7 @@ class Receiver:
     """An aiohttp server in a thread. ``behaviour(webhook_id, nth_call) -> status`` decides answers;
     every request's signature is verified against ``secrets`` (if any are set)."""
 
-    behaviour: Behaviour = lambda _id, _n: 200  # noqa: E731
+    behaviour: Behaviour = lambda _id, _n: 200
     delay_s: float = 0.0
     secrets: list[str] = field(default_factory=list)
     received: list[Received] = field(default_factory=list)
@@ -150,7 +152,10 @@ class Processes:
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         with open(self.log_dir / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "herald.cli", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "herald.cli", *args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         self.running[name] = proc

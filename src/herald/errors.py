@@ -1,16 +1,16 @@
 """Herald's exceptions. One root; each class carries a stable ``code`` and an HTTP status.
 
-    HeraldError
-    ├── ValidationError          422  bad input, names the field
-    │   └── PayloadTooLargeError 413
-    ├── AuthError                401  absent, wrong or revoked API key
-    ├── NotFoundError            404  unknown id, or another tenant's
-    ├── ConflictError            409  idempotency key reused with another body, state conflicts
-    ├── UnsafeUrlError           422  webhook target refused (scheme, private address, …)
-    ├── ConfigError                   a bad setting (CLI exit code 2)
-    └── ChannelError                  a delivery attempt failed
-        ├── TransientChannelError     retry later (5xx, timeout, connection)
-        └── PermanentChannelError     dead-letter now (4xx, refused target)
+HeraldError
+├── ValidationError          422  bad input, names the field
+│   └── PayloadTooLargeError 413
+├── AuthError                401  absent, wrong or revoked API key
+├── NotFoundError            404  unknown id, or another tenant's
+├── ConflictError            409  idempotency key reused with another body, state conflicts
+├── UnsafeUrlError           422  webhook target refused (scheme, private address, …)
+├── ConfigError                   a bad setting (CLI exit code 2)
+└── ChannelError                  a delivery attempt failed
+    ├── TransientChannelError     retry later (5xx, timeout, connection)
+    └── PermanentChannelError     dead-letter now (4xx, refused target)
 """
 
 from __future__ import annotations

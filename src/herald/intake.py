@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from herald.errors import ValidationError
+from herald.errors import ConflictError, NotFoundError, ValidationError
 from herald.store import queries
 from herald.store.ids import new_id
 from herald.store.models import Channel, Delivery, DeliveryState, Endpoint, Event, Tenant
@@ -64,9 +64,14 @@ def accept_events(
                     f"got {event.idempotency_key!r}",
                     field=f"{where}idempotency_key",
                 )
-            stored = queries.find_idempotent(
-                session=session, tenant_id=tenant.id, key=event.idempotency_key, request_hash=fingerprint
-            )
+            try:
+                stored = queries.find_idempotent(
+                    session=session, tenant_id=tenant.id, key=event.idempotency_key, request_hash=fingerprint
+                )
+            except ConflictError as exc:
+                if not where:
+                    raise
+                raise ConflictError(f"{where}{exc.message}", field=f"{where}idempotency_key") from None
             if stored is not None:
                 answers.append(stored)
                 continue
@@ -76,7 +81,7 @@ def accept_events(
                     endpoints_by_id[endpoint_id] = queries.get_endpoint(
                         session=session, tenant_id=tenant.id, endpoint_id=endpoint_id
                     )
-                except Exception:
+                except NotFoundError:
                     raise ValidationError(
                         f"{where}endpoint_ids.{position}: no such endpoint, got {endpoint_id!r}",
                         field=f"{where}endpoint_ids.{position}",

@@ -13,9 +13,13 @@ import sys
 _PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"whsec_[A-Za-z0-9+/=]+"), "whsec_***"),
     (re.compile(r"\bhk_[A-Za-z0-9]+_[A-Za-z0-9_-]+"), "hk_***"),
-    (re.compile(r"(?i)\b(bearer|authorization|api[_-]?key|secret|password|token)([\"']?\s*[:=]\s*[\"']?)[^\s\"',;]+"),
-     r"\1\2***"),
-    (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), "***@***"),
+    (
+        re.compile(
+            r"(?i)\b(bearer|authorization|api[_-]?key|secret|password|token)([\"']?\s*[:=]\s*[\"']?)[^\s\"',;]+"
+        ),
+        r"\1\2***",
+    ),
+    (re.compile(r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,255}\.[A-Za-z]{2,24}"), "***@***"),
     (re.compile(r"\+?\d[\d ().-]{6,}\d"), "***"),
     (re.compile(r"\b\d{4,}\b"), "***"),
 ]

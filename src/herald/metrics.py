@@ -25,9 +25,7 @@ logger = logging.getLogger(__name__)
 LATENCY_BUCKETS_S: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-def record_latencies(
-    client: redis.Redis[Any], *, prefix: str, observations: Iterable[tuple[str, str, float]]
-) -> None:
+def record_latencies(client: redis.Redis, *, prefix: str, observations: Iterable[tuple[str, str, float]]) -> None:
     """Add (lane, channel, seconds) observations to the shared histogram, in one round trip."""
     pipe = client.pipeline(transaction=False)
     for lane, channel, seconds in observations:
@@ -43,7 +41,7 @@ def record_latencies(
 class HeraldCollector(Collector):
     """Collects Herald's gauges and the latency histogram on every scrape."""
 
-    def __init__(self, *, sessions: sessionmaker[Session], client: redis.Redis[Any], prefix: str, lanes: Sequence[str]):
+    def __init__(self, *, sessions: sessionmaker[Session], client: redis.Redis, prefix: str, lanes: Sequence[str]):
         self.sessions = sessions
         self.client = client
         self.prefix = prefix

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import Any
 
 import redis
 from fastapi import FastAPI
@@ -21,7 +20,7 @@ from herald.store.db import make_engine, make_sessionmaker
 logger = logging.getLogger(__name__)
 
 
-def make_redis(settings: Settings) -> redis.Redis[Any]:
+def make_redis(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Path, Query, Request
 from sqlalchemy.orm import Session
 
+from herald.api.schemas import ID_PATTERN, SUBJECT_PATTERN
 from herald.errors import AuthError
 from herald.store import queries
 from herald.store.models import Tenant
@@ -25,12 +26,16 @@ def get_tenant(
     authorization: Annotated[str | None, Header()] = None,
 ) -> Tenant:
     if not authorization:
-        raise AuthError("authorization: missing API key (send 'Authorization: Bearer <key>')")
+        raise AuthError("authorization: missing API key (send 'Authorization: Bearer <key>')", field="authorization")
     scheme, _, raw = authorization.partition(" ")
     if scheme.lower() != "bearer" or not raw.strip():
-        raise AuthError("authorization: expected 'Bearer <key>'")
+        raise AuthError("authorization: expected 'Bearer <key>'", field="authorization")
     return queries.authenticate(session=session, raw=raw.strip())
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
+# Ids and filters are checked before they reach the store (PostgreSQL refuses NUL in text).
+IdPath = Annotated[str, Path(max_length=40, pattern=ID_PATTERN)]
+IdQuery = Annotated[str | None, Query(max_length=40, pattern=ID_PATTERN)]
+SubjectQuery = Annotated[str | None, Query(max_length=200, pattern=SUBJECT_PATTERN)]

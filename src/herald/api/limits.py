@@ -8,7 +8,8 @@ from herald.api.problems import problem
 
 
 class BodyLimit:
-    """Refuses bodies over ``max_bytes``: by ``Content-Length`` up front, or while streaming."""
+    """Refuses bodies over ``max_bytes``: by ``Content-Length`` up front, or while reading a body
+    sent without one (chunked), before the app sees any of it."""
 
     def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
         self.app = app
@@ -30,31 +31,34 @@ class BodyLimit:
                         scope, receive, send
                     )
                     return
+        # Read the whole body here (at most max_bytes of it) and hand it on in one message: a body
+        # refused while the route is reading it would surface as FastAPI's 400 "error parsing the body".
+        chunks: list[bytes] = []
         seen = 0
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal seen
+        more = True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
-            if not started:
+            if message["type"] != "http.request":  # the client went away; let the app see it
+                await self.app(scope, _replay(message, receive), send)
+                return
+            body = message.get("body", b"")
+            seen += len(body)
+            if seen > self.max_bytes:
                 await problem(413, code="payload_too_large", title="Payload too large", detail=detail)(
                     scope, receive, send
                 )
+                return
+            chunks.append(body)
+            more = message.get("more_body", False)
+        whole: Message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay(whole, receive), send)
 
 
-class _TooLarge(Exception):  # noqa: N818 - a control-flow signal inside this middleware only
-    pass
+def _replay(first: Message, receive: Receive) -> Receive:
+    """A ``receive`` that answers ``first`` once, then defers to ``receive`` (for the disconnect)."""
+    pending = [first]
+
+    async def replay_receive() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay_receive

@@ -35,7 +35,8 @@ def problem(
 
 
 def _field(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # Only the first element says where the value came from; a field may itself be called "path".
+    parts = [str(p) for p in (loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc)]
     return ".".join(parts) or "body"
 
 
@@ -77,6 +78,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's answer to a body json.loads could not take (not UTF-8, nested too deep);
+            # routes never raise HTTPException, so this is malformed JSON like any other.
+            errors = [{"field": "body", "message": "body: malformed JSON"}]
+            return problem(
+                422, code="validation_error", title="Invalid request", detail=errors[0]["message"], errors=errors
+            )
         codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
         code = codes.get(exc.status_code, "http_error")
         return problem(exc.status_code, code=code, title=str(exc.detail), detail=str(exc.detail))

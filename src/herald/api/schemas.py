@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic_core import PydanticCustomError
 
 from herald.store.models import Lane
 
 EventType = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,199}$")]
 EventTypeFilter = Annotated[str, StringConstraints(pattern=r"^(\*|[A-Za-z0-9_][A-Za-z0-9_.:-]{0,199}(\.\*)?)$")]
-Subject = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\s]+$")]
-ShortText = Annotated[str, StringConstraints(max_length=1000)]
+# No control characters anywhere we store text: PostgreSQL refuses NUL in text columns.
+SUBJECT_PATTERN = r"^[^\s\x00-\x1f\x7f]+$"
+ID_PATTERN = r"^[A-Za-z0-9_]+$"
+Subject = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=SUBJECT_PATTERN)]
+ShortText = Annotated[str, StringConstraints(max_length=1000, pattern=r"^[^\x00]*$")]
 Key = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
-ObjectId = Annotated[str, StringConstraints(min_length=1, max_length=40)]
+ObjectId = Annotated[str, StringConstraints(min_length=1, max_length=40, pattern=ID_PATTERN)]
+Url = Annotated[str, StringConstraints(min_length=1, max_length=2000, pattern=r"^[^\x00-\x1f\x7f]+$")]
+MAX_DATA_DEPTH = 32
 
 
 class In(BaseModel):
@@ -22,14 +29,14 @@ class In(BaseModel):
 
 
 class EndpointIn(In):
-    url: Annotated[str, StringConstraints(min_length=1, max_length=2000)]
+    url: Url
     description: ShortText = ""
     event_types: list[EventTypeFilter] | None = Field(default=None, max_length=100)
     max_rate_per_s: int | None = Field(default=None, ge=1, le=100_000, strict=True)
 
 
 class EndpointPatch(In):
-    url: Annotated[str, StringConstraints(min_length=1, max_length=2000)] | None = None
+    url: Url | None = None
     description: ShortText | None = None
     event_types: list[EventTypeFilter] | None = Field(default=None, max_length=100)
     max_rate_per_s: int | None = Field(default=None, ge=1, le=100_000, strict=True)
@@ -58,6 +65,21 @@ class EventIn(In):
     endpoint_ids: list[ObjectId] | None = Field(default=None, min_length=1, max_length=100)
     idempotency_key: Key | None = None
     lane: Lane = Lane.transactional
+
+    @field_validator("data")
+    @classmethod
+    def _storable(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Refuse what the JSON column or the answer cannot hold: NaN/Infinity, very deep nesting."""
+        stack: list[tuple[Any, int]] = [(value, 1)]
+        while stack:
+            item, depth = stack.pop()
+            if isinstance(item, float) and not math.isfinite(item):
+                raise PydanticCustomError("json_number", "numbers must be finite (NaN and Infinity are not JSON)")
+            if isinstance(item, dict | list):
+                if depth > MAX_DATA_DEPTH:
+                    raise PydanticCustomError("json_depth", f"nested deeper than {MAX_DATA_DEPTH} levels")
+                stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+        return value
 
 
 class BatchIn(In):
@@ -139,8 +161,8 @@ class ReplayFilter(In):
     endpoint_id: ObjectId | None = None
     event_type: EventType | None = None
     subject: Subject | None = None
-    created_after: datetime | None = None
-    created_before: datetime | None = None
+    created_after: AwareDatetime | None = None
+    created_before: AwareDatetime | None = None
 
 
 class ReplayIn(In):

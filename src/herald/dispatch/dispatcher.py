@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
 
 import redis
 from celery import Celery
@@ -30,7 +29,7 @@ class Dispatcher:
         settings: Settings,
         sessions: sessionmaker[Session],
         celery: Celery,
-        client: redis.Redis[Any],
+        client: redis.Redis,
         lanes: tuple[str, ...] = LANES,
     ) -> None:
         self.settings = settings

@@ -48,7 +48,13 @@ class DeliveryState(StrEnum):
 
 
 TERMINAL_STATES = frozenset(
-    {DeliveryState.delivered, DeliveryState.dead, DeliveryState.expired, DeliveryState.canceled, DeliveryState.suppressed}
+    {
+        DeliveryState.delivered,
+        DeliveryState.dead,
+        DeliveryState.expired,
+        DeliveryState.canceled,
+        DeliveryState.suppressed,
+    }
 )
 
 

@@ -85,16 +85,16 @@ def authenticate(*, session: Session, raw: str) -> Tenant:
     """The tenant of an API key: looked up by prefix, compared in constant time."""
     parts = raw.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_PREFIX:
-        raise AuthError("authorization: malformed API key")
+        raise AuthError("authorization: malformed API key", field="authorization")
     key = session.scalar(select(ApiKey).where(ApiKey.prefix == parts[1]))
     expected = key.key_hash if key is not None else "0" * 64
     if not hmac.compare_digest(expected, _hash_key(raw)) or key is None:
-        raise AuthError("authorization: unknown API key")
+        raise AuthError("authorization: unknown API key", field="authorization")
     if key.revoked_at is not None:
-        raise AuthError("authorization: API key revoked")
+        raise AuthError("authorization: API key revoked", field="authorization")
     tenant = session.get(Tenant, key.tenant_id)
     if tenant is None:
-        raise AuthError("authorization: unknown API key")
+        raise AuthError("authorization: unknown API key", field="authorization")
     return tenant
 
 
@@ -210,7 +210,7 @@ class DeliveryFilter:
     created_after: datetime | None = None
     created_before: datetime | None = None
 
-    def apply(self, query: Select[Any]) -> Select[Any]:
+    def apply(self, query: Any) -> Any:
         if self.state:
             query = query.where(Delivery.state == self.state)
         if self.subject:
@@ -336,7 +336,7 @@ def replay(
         query = query.where(Delivery.id.in_(ids))
     if where is not None:
         query = where.apply(query)
-    found = dict(session.execute(query.with_for_update()).tuples().all())
+    found: dict[str, str] = {i: s for i, s in session.execute(query.with_for_update()).all()}
     if ids is not None:
         missing = [i for i in ids if i not in found]
         if missing:

@@ -71,7 +71,7 @@ class Runtime:
         self.settings = settings
         self.engine = make_engine(settings.database_url, pool_size=2)
         self.sessions = make_sessionmaker(self.engine)
-        self.redis: redis.Redis[Any] = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+        self.redis: redis.Redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
         self.loop = asyncio.new_event_loop()
         self.channel = WebhookChannel(settings.webhook)
         self.loop.run_until_complete(self.channel.start())
@@ -143,7 +143,9 @@ class Runtime:
         limits = {e.id: e.max_rate_per_s for _, _, e, _ in rows if e is not None and e.max_rate_per_s}
         if not limits:
             return jobs
-        wanted = Counter(j.delivery.endpoint_id for j in jobs if j.delivery.endpoint_id in limits)
+        wanted: Counter[str] = Counter(
+            e for e in (j.delivery.endpoint_id for j in jobs) if e is not None and e in limits
+        )
         second = int(time.time())
         allowed: dict[str, int] = {}
         try:
@@ -161,7 +163,7 @@ class Runtime:
         deferred: list[dict[str, Any]] = []
         held: Counter[str] = Counter()
         for job in jobs:
-            endpoint_id = job.delivery.endpoint_id
+            endpoint_id = job.delivery.endpoint_id or ""
             if endpoint_id in allowed:
                 if allowed[endpoint_id] > 0:
                     allowed[endpoint_id] -= 1
@@ -254,7 +256,9 @@ class Runtime:
         with self.sessions() as session, session.begin():
             session.execute(insert(Attempt), attempts)
             session.execute(update(Delivery), updates)
-            queries.disable_endpoints(session=session, ids=[i for i in disable if i], reason="receiver answered 410 Gone")
+            queries.disable_endpoints(
+                session=session, ids=[i for i in disable if i], reason="receiver answered 410 Gone"
+            )
         try:
             record_latencies(
                 self.redis,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
+from pydantic import AwareDatetime
 from sqlalchemy.orm import Session
 
-from herald.api.deps import SessionDep, TenantDep
+from herald.api.deps import IdPath, IdQuery, SessionDep, SubjectQuery, TenantDep
 from herald.api.schemas import AttemptOut, DeliveryOut, Page, ReplayIn, ReplayOut
 from herald.errors import ValidationError
 from herald.store import queries
@@ -16,7 +16,6 @@ from herald.store.models import Delivery, DeliveryState, utcnow
 
 router = APIRouter(tags=["deliveries"])
 
-Cursor = Annotated[str | None, Query(max_length=40)]
 Limit = Annotated[int, Query(ge=1, le=500)]
 
 
@@ -66,7 +65,7 @@ def _page(session: Session, rows: list[Delivery], limit: int) -> Page[DeliveryOu
 
 
 @router.get("/v1/deliveries/{delivery_id}", response_model=DeliveryOut)
-def read_delivery(delivery_id: str, session: SessionDep, tenant: TenantDep) -> DeliveryOut:
+def read_delivery(delivery_id: IdPath, session: SessionDep, tenant: TenantDep) -> DeliveryOut:
     delivery = queries.get_delivery(session=session, tenant_id=tenant.id, delivery_id=delivery_id)
     return delivery_out(session, delivery, with_attempts=True)
 
@@ -76,10 +75,10 @@ def list_deliveries(
     session: SessionDep,
     tenant: TenantDep,
     state: DeliveryState | None = None,
-    subject: Annotated[str | None, Query(max_length=200)] = None,
-    endpoint: Annotated[str | None, Query(max_length=40)] = None,
-    event_type: Annotated[str | None, Query(max_length=200)] = None,
-    cursor: Cursor = None,
+    subject: SubjectQuery = None,
+    endpoint: IdQuery = None,
+    event_type: SubjectQuery = None,
+    cursor: IdQuery = None,
     limit: Limit = 100,
 ) -> Page[DeliveryOut]:
     where = queries.DeliveryFilter(state=state, subject=subject, endpoint_id=endpoint, event_type=event_type)
@@ -91,12 +90,12 @@ def list_deliveries(
 def list_dead_letters(
     session: SessionDep,
     tenant: TenantDep,
-    subject: Annotated[str | None, Query(max_length=200)] = None,
-    endpoint: Annotated[str | None, Query(max_length=40)] = None,
-    event_type: Annotated[str | None, Query(max_length=200)] = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
-    cursor: Cursor = None,
+    subject: SubjectQuery = None,
+    endpoint: IdQuery = None,
+    event_type: SubjectQuery = None,
+    created_after: AwareDatetime | None = None,
+    created_before: AwareDatetime | None = None,
+    cursor: IdQuery = None,
     limit: Limit = 100,
 ) -> Page[DeliveryOut]:
     where = queries.DeliveryFilter(

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from herald.api.deps import SessionDep, TenantDep
+from herald.api.deps import IdPath, IdQuery, SessionDep, TenantDep
 from herald.api.schemas import EndpointIn, EndpointOut, EndpointPatch, Page, RotateIn
 from herald.channels import signing, ssrf
 from herald.store import queries
@@ -59,7 +59,7 @@ def create_endpoint(body: EndpointIn, request: Request, session: SessionDep, ten
 def list_endpoints(
     session: SessionDep,
     tenant: TenantDep,
-    cursor: Annotated[str | None, Query(max_length=40)] = None,
+    cursor: IdQuery = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> Page[EndpointOut]:
     rows = queries.list_endpoints(session=session, tenant_id=tenant.id, cursor=cursor, limit=limit + 1)
@@ -69,13 +69,13 @@ def list_endpoints(
 
 
 @router.get("/{endpoint_id}", response_model=EndpointOut)
-def read_endpoint(endpoint_id: str, session: SessionDep, tenant: TenantDep) -> EndpointOut:
+def read_endpoint(endpoint_id: IdPath, session: SessionDep, tenant: TenantDep) -> EndpointOut:
     return _out(queries.get_endpoint(session=session, tenant_id=tenant.id, endpoint_id=endpoint_id))
 
 
 @router.patch("/{endpoint_id}", response_model=EndpointOut)
 def update_endpoint(
-    endpoint_id: str, body: EndpointPatch, request: Request, session: SessionDep, tenant: TenantDep
+    endpoint_id: IdPath, body: EndpointPatch, request: Request, session: SessionDep, tenant: TenantDep
 ) -> EndpointOut:
     endpoint = queries.get_endpoint(session=session, tenant_id=tenant.id, endpoint_id=endpoint_id)
     changes = body.model_dump(exclude_unset=True)
@@ -92,7 +92,7 @@ def update_endpoint(
 
 @router.post("/{endpoint_id}/rotate-secret", response_model=EndpointOut)
 def rotate_secret(
-    endpoint_id: str, request: Request, session: SessionDep, tenant: TenantDep, body: RotateIn | None = None
+    endpoint_id: IdPath, request: Request, session: SessionDep, tenant: TenantDep, body: RotateIn | None = None
 ) -> EndpointOut:
     """A new current secret; the old one keeps signing (alongside) for the grace period."""
     endpoint = queries.get_endpoint(session=session, tenant_id=tenant.id, endpoint_id=endpoint_id)
@@ -104,7 +104,7 @@ def rotate_secret(
 
 
 @router.post("/{endpoint_id}/disable", response_model=EndpointOut)
-def disable_endpoint(endpoint_id: str, session: SessionDep, tenant: TenantDep) -> EndpointOut:
+def disable_endpoint(endpoint_id: IdPath, session: SessionDep, tenant: TenantDep) -> EndpointOut:
     endpoint = queries.get_endpoint(session=session, tenant_id=tenant.id, endpoint_id=endpoint_id)
     endpoint.enabled = False
     endpoint.disabled_reason = "disabled by API"
@@ -114,7 +114,7 @@ def disable_endpoint(endpoint_id: str, session: SessionDep, tenant: TenantDep) -
 
 
 @router.post("/{endpoint_id}/enable", response_model=EndpointOut)
-def enable_endpoint(endpoint_id: str, session: SessionDep, tenant: TenantDep) -> EndpointOut:
+def enable_endpoint(endpoint_id: IdPath, session: SessionDep, tenant: TenantDep) -> EndpointOut:
     endpoint = queries.get_endpoint(session=session, tenant_id=tenant.id, endpoint_id=endpoint_id)
     endpoint.enabled = True
     endpoint.disabled_reason = None

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from sqlalchemy.exc import IntegrityError
 
-from herald.api.deps import SessionDep, TenantDep
+from herald.api.deps import IdPath, SessionDep, TenantDep
 from herald.api.schemas import BatchAccepted, BatchIn, DeliveryBrief, EventAccepted, EventIn, EventOut
 from herald.intake import NewEvent, accept_events
 from herald.store import queries
@@ -63,7 +63,7 @@ def create_events(body: BatchIn, request: Request, session: SessionDep, tenant: 
 
 
 @router.get("/{event_id}", response_model=EventOut)
-def read_event(event_id: str, session: SessionDep, tenant: TenantDep) -> EventOut:
+def read_event(event_id: IdPath, session: SessionDep, tenant: TenantDep) -> EventOut:
     event = queries.get_event(session=session, tenant_id=tenant.id, event_id=event_id)
     deliveries = queries.deliveries_of_event(session=session, event_id=event.id)
     return EventOut(

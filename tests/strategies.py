@@ -1,0 +1,97 @@
+"""Hypothesis strategies shared by the test suite."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import string
+import time
+from collections.abc import Callable, Sequence
+
+from hypothesis import strategies as st
+
+# Standard Webhooks keys are 24 to 64 bytes.
+secrets = st.binary(min_size=24, max_size=64).map(lambda key: "whsec_" + base64.b64encode(key).decode("ascii"))
+
+msg_ids = st.text(alphabet=string.ascii_letters + string.digits + "_-", min_size=1, max_size=64)
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(), children, max_size=5),
+    max_leaves=20,
+)
+# JSON documents as sent on the wire (UTF-8, not necessarily ASCII).
+json_bodies = _json_values.map(lambda value: json.dumps(value, ensure_ascii=False).encode("utf-8"))
+
+# Within the 5-minute tolerance receivers apply around "now".
+recent_timestamps = st.integers(min_value=-240, max_value=240).map(lambda offset: int(time.time()) + offset)
+
+
+def _decimal(value: int) -> str:
+    return str(value)
+
+
+def _octal(value: int) -> str:
+    return "0" + format(value, "o")
+
+
+def _hex(value: int) -> str:
+    return "0x" + format(value, "x")
+
+
+_RENDERINGS: tuple[Callable[[int], str], ...] = (_decimal, _octal, _hex)
+
+
+def ipv4_in(networks: Sequence[str]) -> st.SearchStrategy[ipaddress.IPv4Address]:
+    """Any address inside one of ``networks``."""
+    parsed = [ipaddress.IPv4Network(net) for net in networks]
+    return st.sampled_from(parsed).flatmap(
+        lambda net: st.integers(int(net.network_address), int(net.broadcast_address)).map(ipaddress.IPv4Address)
+    )
+
+
+@st.composite
+def legacy_ipv4_spellings(draw: st.DrawFn, address: ipaddress.IPv4Address) -> str:
+    """``address`` as inet_aton reads it: 1 to 4 parts, each decimal, octal or hex (``0x7f.1``)."""
+    octets = address.packed
+    parts = draw(st.sampled_from([1, 2, 3, 4]))
+    values = {
+        1: [int(address)],
+        2: [octets[0], int.from_bytes(octets[1:], "big")],
+        3: [octets[0], octets[1], int.from_bytes(octets[2:], "big")],
+        4: list(octets),
+    }[parts]
+    return ".".join(draw(st.sampled_from(_RENDERINGS))(value) for value in values)
+
+
+# ---------------------------------------------------------------- API request bodies
+
+_event_types = st.sampled_from(["ticket.created", "ticket.escalated", "visit.reminder", "a"])
+_event_fields: dict[str, st.SearchStrategy[object]] = {
+    "type": _event_types | _json_values,
+    "subject": st.sampled_from(["ticket:4711", "visit:88"]) | st.text(max_size=12) | _json_values,
+    "data": st.dictionaries(st.text(max_size=8), _json_values, max_size=4) | _json_values,
+    "lane": st.sampled_from(["otp", "transactional", "bulk"]) | _json_values,
+    "endpoint_ids": st.lists(st.text(max_size=12), max_size=3) | _json_values,
+    "idempotency_key": st.text(max_size=12) | _json_values,
+    "unknown": _json_values,
+}
+# Mostly valid events, so that acceptance is exercised as often as refusal.
+_likely_events = st.fixed_dictionaries(
+    {"type": _event_types},
+    optional={
+        "subject": st.text(st.characters(codec="utf-8"), min_size=1, max_size=12),
+        "data": st.dictionaries(st.text(max_size=8), _json_values, max_size=4),
+        "lane": st.sampled_from(["otp", "transactional", "bulk"]),
+        "idempotency_key": st.text(string.ascii_letters, min_size=1, max_size=2),
+    },
+)
+# Bodies for POST /v1/events: events that are mostly valid, events whose fields may hold anything,
+# arbitrary JSON documents and bytes that are not JSON at all.
+event_request_bodies = st.one_of(
+    _likely_events.map(lambda body: json.dumps(body).encode("utf-8")),
+    st.fixed_dictionaries({}, optional=_event_fields).map(lambda body: json.dumps(body).encode("utf-8")),
+    json_bodies,
+    st.binary(max_size=64),
+)
