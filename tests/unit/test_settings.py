@@ -1,0 +1,39 @@
+"""Settings: environment names, nested groups, and errors that name the key and the value."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from herald.config import Settings
+
+
+def test_nested_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERALD_DATABASE__URL", "postgresql://u@db/herald")
+    monkeypatch.setenv("HERALD_RETRY__MAX_ATTEMPTS", "3")
+    monkeypatch.setenv("HERALD_WEBHOOK__ALLOW_NETWORKS", "127.0.0.0/8, ::1/128")
+    settings = Settings()
+    assert settings.database_url == "postgresql://u@db/herald"
+    assert settings.retry.max_attempts == 3
+    assert settings.webhook.allow_networks == ["127.0.0.0/8", "::1/128"]
+
+
+def test_defaults_are_embedded(tmp_path: object) -> None:
+    settings = Settings()
+    assert settings.database_url.startswith("sqlite:///") and settings.database_url.endswith("herald-data/herald.db")
+    assert settings.broker_url.startswith("redis+socket://") and settings.broker_url.endswith("redis.sock")
+
+
+def test_unsupported_database_names_key_and_value() -> None:
+    with pytest.raises(ValidationError, match=r"HERALD_DATABASE__URL: unsupported scheme 'mysql'"):
+        Settings(database={"url": "mysql://x/y"})
+
+
+def test_bad_network_names_key_and_value() -> None:
+    with pytest.raises(ValidationError, match=r"HERALD_WEBHOOK__ALLOW_NETWORKS: not a network, got 'nope'"):
+        Settings(webhook={"allow_networks": ["nope"]})
+
+
+def test_lease_must_outlast_the_send_timeout() -> None:
+    with pytest.raises(ValidationError, match=r"HERALD_DISPATCH__LEASE_S: must exceed"):
+        Settings(dispatch={"lease_s": 5}, webhook={"total_timeout_s": 10})
