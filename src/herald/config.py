@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LANES: tuple[str, ...] = ("otp", "transactional", "bulk")
@@ -43,7 +43,6 @@ class ApiSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     max_body_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
-    public_url: str = ""
 
 
 class DispatchSettings(BaseModel):
@@ -115,7 +114,6 @@ class Settings(BaseSettings):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
-    token_secret: SecretStr = SecretStr("")
 
     @model_validator(mode="after")
     def _lease_covers_timeouts(self) -> Settings:

@@ -37,3 +37,21 @@ def test_bad_network_names_key_and_value() -> None:
 def test_lease_must_outlast_the_send_timeout() -> None:
     with pytest.raises(ValidationError, match=r"HERALD_DISPATCH__LEASE_S: must exceed"):
         Settings(dispatch={"lease_s": 5}, webhook={"total_timeout_s": 10})
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    from pathlib import Path
+
+    from pydantic import BaseModel
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    settings = Settings()
+    names = []
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if isinstance(value, BaseModel):
+            names += [f"HERALD_{name.upper()}__{sub.upper()}" for sub in type(value).model_fields]
+        else:
+            names.append(f"HERALD_{name.upper()}")
+    missing = [n for n in names if f"`{n}`" not in readme]
+    assert not missing, f"settings missing from the README: {missing}"
