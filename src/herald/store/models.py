@@ -6,7 +6,19 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -161,6 +173,7 @@ class Delivery(Base):
         Index("ix_deliveries_lease", "lease_until"),
         Index("ix_deliveries_tenant_state", "tenant_id", "state"),
         Index("ix_deliveries_tenant_subject", "tenant_id", "subject"),
+        Index("ix_deliveries_schedule_key", "tenant_id", "schedule_key"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -180,6 +193,12 @@ class Delivery(Base):
     last_status_code: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
     replays: Mapped[int] = mapped_column(Integer, default=0)
+    recipient_id: Mapped[str | None] = mapped_column(ForeignKey("recipients.id", ondelete="SET NULL"), index=True)
+    address: Mapped[str | None] = mapped_column(Text)
+    content: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    category: Mapped[str | None] = mapped_column(String(60))
+    schedule_key: Mapped[str | None] = mapped_column(String(200))
+    drop_id: Mapped[str | None] = mapped_column(ForeignKey("drops.id", ondelete="SET NULL"), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column()
@@ -200,3 +219,115 @@ class Attempt(Base):
     error: Mapped[str | None] = mapped_column(Text)
     decision: Mapped[str] = mapped_column(Text)
     provider: Mapped[str | None] = mapped_column(String(60))
+
+
+class Recipient(Base):
+    """A person: addresses, locale, time zone, preferences (category -> channel -> bool), quiet hours."""
+
+    __tablename__ = "recipients"
+    __table_args__ = (UniqueConstraint("tenant_id", "external_id", name="uq_recipients_external"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    external_id: Mapped[str] = mapped_column(String(200))
+    email: Mapped[str | None] = mapped_column(String(320))
+    phone: Mapped[str | None] = mapped_column(String(20))
+    locale: Mapped[str | None] = mapped_column(String(35))
+    timezone: Mapped[str | None] = mapped_column(String(64))
+    preferences: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    quiet_hours: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Template(Base):
+    """Per tenant x event type x channel x locale ('' = the default locale)."""
+
+    __tablename__ = "templates"
+    __table_args__ = (UniqueConstraint("tenant_id", "event_type", "channel", "locale", name="uq_templates_key"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    event_type: Mapped[str] = mapped_column(String(200))
+    channel: Mapped[str] = mapped_column(String(20))
+    locale: Mapped[str] = mapped_column(String(35), default="")
+    subject: Mapped[str | None] = mapped_column(Text)
+    text: Mapped[str | None] = mapped_column(Text)
+    html: Mapped[str | None] = mapped_column(Text)
+    body: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class OtpCode(Base):
+    """A one-time passcode: only its hash is kept."""
+
+    __tablename__ = "otp_codes"
+    __table_args__ = (Index("ix_otp_tenant_recipient", "tenant_id", "recipient_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    recipient_id: Mapped[str] = mapped_column(ForeignKey("recipients.id", ondelete="CASCADE"))
+    channel: Mapped[str] = mapped_column(String(20))
+    purpose: Mapped[str] = mapped_column(String(60))
+    code_hash: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column()
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    consumed_at: Mapped[datetime | None] = mapped_column()
+    delivery_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Recurring(Base):
+    """A tenant-defined recurring send: a cron expression in a time zone and the event to emit."""
+
+    __tablename__ = "recurring"
+    __table_args__ = (Index("ix_recurring_due", "enabled", "next_fire_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    cron: Mapped[str] = mapped_column(String(120))
+    timezone: Mapped[str] = mapped_column(String(64))
+    event: Mapped[dict[str, Any]] = mapped_column(JSON)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    next_fire_at: Mapped[datetime | None] = mapped_column()
+    last_fired_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PeriodicRun(Base):
+    """One firing of a periodic job; the primary key makes a second beat's same tick a no-op."""
+
+    __tablename__ = "periodic_runs"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    fire_at: Mapped[datetime] = mapped_column(primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class Drop(Base):
+    """A file of user ids from the watched folder, with progress that survives a crash."""
+
+    __tablename__ = "drops"
+    __table_args__ = (UniqueConstraint("content_hash", name="uq_drops_hash"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(Text)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    campaign: Mapped[str | None] = mapped_column(String(200))
+    endpoint_id: Mapped[str | None] = mapped_column(String(40))
+    event_type: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(20))
+    lines: Mapped[int] = mapped_column(Integer, default=0)
+    accepted: Mapped[int] = mapped_column(Integer, default=0)
+    rejected: Mapped[int] = mapped_column(Integer, default=0)
+    rejections: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    committed_offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()

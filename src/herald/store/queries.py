@@ -282,9 +282,12 @@ def release(*, session: Session, ids: Sequence[str], now: datetime) -> None:
 
 def in_flight(*, session: Session, lane: str) -> int:
     """Deliveries of ``lane`` handed to the broker and not finished."""
-    return session.scalar(
-        select(func.count()).select_from(Delivery).where(Delivery.lane == lane, Delivery.lease_until.is_not(None))
-    ) or 0
+    return (
+        session.scalar(
+            select(func.count()).select_from(Delivery).where(Delivery.lane == lane, Delivery.lease_until.is_not(None))
+        )
+        or 0
+    )
 
 
 def reconcile(*, session: Session, now: datetime) -> int:
@@ -323,7 +326,13 @@ def state_counts(*, session: Session) -> list[tuple[str, str, str, int]]:
 
 
 def replay(
-    *, session: Session, tenant_id: str, ids: Sequence[str] | None, where: DeliveryFilter | None, force: bool, now: datetime
+    *,
+    session: Session,
+    tenant_id: str,
+    ids: Sequence[str] | None,
+    where: DeliveryFilter | None,
+    force: bool,
+    now: datetime,
 ) -> tuple[list[str], list[str]]:
     """Re-send dead deliveries with their ids unchanged. Returns (replayed, skipped).
 
@@ -374,4 +383,3 @@ def disable_endpoints(*, session: Session, ids: Sequence[str], reason: str) -> N
             .values(enabled=False, disabled_reason=reason, updated_at=utcnow())
             .execution_options(synchronize_session=False)
         )
-
