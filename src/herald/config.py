@@ -9,9 +9,9 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LANES: tuple[str, ...] = ("otp", "transactional", "bulk")
@@ -95,6 +95,43 @@ class WebhookSettings(BaseModel):
         return value
 
 
+class SmtpSettings(BaseModel):
+    """Outgoing mail. Without a host, mail is written as ``.eml`` files to the outbox folder."""
+
+    host: str = ""
+    port: int = Field(default=587, ge=1, le=65535)
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    tls: Literal["starttls", "implicit", "none"] = "starttls"
+    sender: str = "Herald <herald@localhost>"
+    timeout_s: float = Field(default=15.0, gt=0)
+    outbox_dir: Path | None = None
+    unsubscribe_url: str = ""
+
+
+class SmsProviderSettings(BaseModel):
+    """One SMS provider: ``json`` (generic JSON over HTTP) or ``twilio`` (Twilio-compatible form API)."""
+
+    kind: Literal["json", "twilio"] = "json"
+    url: str = ""
+    account_sid: str = ""
+    auth_token: SecretStr = SecretStr("")
+    sender: str = ""
+    name: str = ""
+
+
+class SmsSettings(BaseModel):
+    """SMS providers: a primary and an optional secondary taking over when the primary fails.
+    Without a primary, messages are written to the outbox folder."""
+
+    primary: SmsProviderSettings | None = None
+    secondary: SmsProviderSettings | None = None
+    timeout_s: float = Field(default=10.0, gt=0)
+    circuit_failures: int = Field(default=5, ge=1)
+    circuit_reset_s: float = Field(default=30.0, gt=0)
+    outbox_dir: Path | None = None
+
+
 class WorkerSettings(BaseModel):
     concurrency: int = Field(default=2, ge=1)
     max_tasks_per_child: int = Field(default=0, ge=0)
@@ -114,6 +151,8 @@ class Settings(BaseSettings):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+    sms: SmsSettings = Field(default_factory=SmsSettings)
 
     @model_validator(mode="after")
     def _lease_covers_timeouts(self) -> Settings:
@@ -123,6 +162,11 @@ class Settings(BaseSettings):
                 f"({self.webhook.total_timeout_s}), got {self.dispatch.lease_s}"
             )
         return self
+
+    @property
+    def outbox_dir(self) -> Path:
+        """Where email and SMS go when no provider is configured."""
+        return self.data_dir / "outbox"
 
     @property
     def database_url(self) -> str:

@@ -46,7 +46,7 @@ def test_every_setting_is_documented_in_the_readme() -> None:
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     settings = Settings()
-    names = []
+    names: list[str] = []
     for name in Settings.model_fields:
         value = getattr(settings, name)
         if isinstance(value, BaseModel):

@@ -19,6 +19,27 @@ class WebhookMessage:
 
 
 @dataclass(frozen=True)
+class EmailMessage:
+    """One email; ``delivery_id`` becomes the ``Message-ID`` and the ``Herald-Delivery-Id`` header."""
+
+    delivery_id: str
+    to: str
+    subject: str
+    text: str
+    html: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SmsMessage:
+    """One SMS; ``delivery_id`` is passed as the provider's idempotency/reference field."""
+
+    delivery_id: str
+    to: str
+    text: str
+
+
+@dataclass(frozen=True)
 class Sent:
     """A successful attempt."""
 
