@@ -81,7 +81,7 @@ _event_fields: dict[str, st.SearchStrategy[object]] = {
 _likely_events = st.fixed_dictionaries(
     {"type": _event_types},
     optional={
-        "subject": st.text(st.characters(codec="utf-8"), min_size=1, max_size=12),
+        "subject": st.text(st.characters(codec="utf-8", exclude_categories=("Z", "Cc")), min_size=1, max_size=12),
         "data": st.dictionaries(st.text(max_size=8), _json_values, max_size=4),
         "lane": st.sampled_from(["otp", "transactional", "bulk"]),
         "idempotency_key": st.text(string.ascii_letters, min_size=1, max_size=2),

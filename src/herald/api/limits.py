@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from herald.api.problems import problem
@@ -27,9 +28,7 @@ class BodyLimit:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    await problem(413, code="payload_too_large", title="Payload too large", detail=detail)(
-                        scope, receive, send
-                    )
+                    await _too_large(detail)(scope, receive, send)
                     return
         # Read the whole body here (at most max_bytes of it) and hand it on in one message: a body
         # refused while the route is reading it would surface as FastAPI's 400 "error parsing the body".
@@ -44,9 +43,7 @@ class BodyLimit:
             body = message.get("body", b"")
             seen += len(body)
             if seen > self.max_bytes:
-                await problem(413, code="payload_too_large", title="Payload too large", detail=detail)(
-                    scope, receive, send
-                )
+                await _too_large(detail)(scope, receive, send)
                 return
             chunks.append(body)
             more = message.get("more_body", False)
@@ -62,3 +59,8 @@ def _replay(first: Message, receive: Receive) -> Receive:
         return pending.pop() if pending else await receive()
 
     return replay_receive
+
+
+def _too_large(detail: str) -> Response:
+    errors = [{"field": "body", "message": detail}]
+    return problem(413, code="payload_too_large", title="Payload too large", detail=detail, errors=errors)

@@ -28,6 +28,8 @@ from herald.store.models import (
     utcnow,
 )
 
+OTP_CATEGORY = "otp"
+
 # ---------------------------------------------------------------- tenants and keys
 
 KEY_PREFIX = "hk"
@@ -340,21 +342,25 @@ def replay(
     twice sends nothing the second time; ``force`` also re-sends delivered, expired and retrying ones.
     Deliveries that are in flight are always skipped.
     """
-    query = select(Delivery.id, Delivery.state).where(Delivery.tenant_id == tenant_id)
+    allowed = {DeliveryState.dead} | (
+        {DeliveryState.delivered, DeliveryState.expired, DeliveryState.retrying} if force else set()
+    )
+    query = select(Delivery.id, Delivery.state, Delivery.category).where(Delivery.tenant_id == tenant_id)
     if ids is not None:
         query = query.where(Delivery.id.in_(ids))
+    else:
+        # By filter, only what could be replayed is looked at: `skipped` stays about the request.
+        query = query.where(Delivery.state.in_(list(allowed)))
     if where is not None:
         query = where.apply(query)
-    found: dict[str, str] = {i: s for i, s in session.execute(query.with_for_update()).all()}
+    found = {row.id: row for row in session.execute(query.with_for_update())}
     if ids is not None:
         missing = [i for i in ids if i not in found]
         if missing:
             raise NotFoundError(f"ids: no such delivery, got {missing[0]!r}", field="ids")
-    allowed = {DeliveryState.dead} | (
-        {DeliveryState.delivered, DeliveryState.expired, DeliveryState.retrying} if force else set()
-    )
-    chosen = [i for i, state in found.items() if state in allowed]
-    skipped = [i for i in found if i not in set(chosen)]
+    # A one-time passcode is never sent again: its code is single-use and its deadline has passed.
+    chosen = [i for i, row in found.items() if row.state in allowed and row.category != OTP_CATEGORY]
+    skipped = sorted(set(found) - set(chosen))
     if chosen:
         session.execute(
             update(Delivery)
@@ -372,7 +378,7 @@ def replay(
             )
             .execution_options(synchronize_session=False)
         )
-    return sorted(chosen), sorted(skipped)
+    return sorted(chosen), skipped
 
 
 def disable_endpoints(*, session: Session, ids: Sequence[str], reason: str) -> None:
