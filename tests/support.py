@@ -16,10 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx2
 from aiohttp import web
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks import Webhook
 
 from herald.config import Settings
+from herald.store.models import Base
 
 
 def wait_until(
@@ -191,3 +195,26 @@ class Processes:
                     self.kill(name)
                     continue
             self.running.pop(name, None)
+
+
+def row_counts(sessions: sessionmaker[Session]) -> dict[str, int]:
+    """How many rows every table holds: compare before and after to prove nothing was written."""
+    tables = [t.name for t in Base.metadata.sorted_tables]
+    with sessions() as session:
+        row = session.execute(text("SELECT " + ", ".join(f"(SELECT count(*) FROM {t})" for t in tables))).one()
+    return dict(zip(tables, row, strict=True))
+
+
+def assert_problem(answer: httpx2.Response, status: int, code: str, field: str | None) -> dict[str, Any]:
+    """An RFC 9457 answer with Herald's ``code`` that names ``field`` among its errors."""
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = answer.json()
+    assert body["type"] == f"urn:herald:problem:{code}"
+    assert body["status"] == status
+    assert body["code"] == code
+    assert isinstance(body["title"], str) and body["title"]
+    assert isinstance(body["detail"], str) and body["detail"]
+    if field is not None:
+        assert field in [e["field"] for e in body.get("errors", [])], body
+    return body

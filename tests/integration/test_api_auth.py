@@ -7,14 +7,14 @@ from typing import Any
 import httpx2
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import text, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from herald.store import queries
 from herald.store.db import transaction
 from herald.store.models import Delivery, DeliveryState
+from tests.support import assert_problem, row_counts
 
-TABLES = ("events", "deliveries", "endpoints", "endpoint_secrets", "idempotency_records")
 HOOK = "http://127.0.0.1:9/hook"
 
 # (method, path, JSON body) of every route that needs a key; {ep}, {evt} and {dlv} name real rows.
@@ -34,28 +34,6 @@ ROUTES: list[tuple[str, str, Any]] = [
     ("GET", "/v1/dead-letters", None),
     ("POST", "/v1/dead-letters/replay", {"ids": ["{dlv}"]}),
 ]
-
-
-def row_counts(sessions: sessionmaker[Session]) -> dict[str, int]:
-    """How many rows each table the API writes holds."""
-    with sessions() as session:
-        row = session.execute(text("SELECT " + ", ".join(f"(SELECT count(*) FROM {t})" for t in TABLES))).one()
-    return dict(zip(TABLES, row, strict=True))
-
-
-def assert_problem(answer: httpx2.Response, status: int, code: str, field: str | None) -> dict[str, Any]:
-    """An RFC 9457 answer with Herald's ``code`` that names ``field`` among its errors."""
-    assert answer.status_code == status, answer.text
-    assert answer.headers["content-type"] == "application/problem+json"
-    body: dict[str, Any] = answer.json()
-    assert body["type"] == f"urn:herald:problem:{code}"
-    assert body["status"] == status
-    assert body["code"] == code
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str) and body["detail"]
-    if field is not None:
-        assert field in [e["field"] for e in body.get("errors", [])], body
-    return body
 
 
 @pytest.fixture

@@ -7,45 +7,22 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import httpx2
 import pytest
 import redis
 from fastapi.testclient import TestClient
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from sqlalchemy import select, text, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from herald import keys
 from herald.config import Settings
 from herald.store.db import transaction
 from herald.store.models import Attempt, Delivery, DeliveryState, utcnow
+from tests.support import assert_problem, row_counts
 
-TABLES = ("events", "deliveries", "endpoints", "endpoint_secrets", "idempotency_records")
 HOOK = "http://127.0.0.1:9/hook"
-
-
-def row_counts(sessions: sessionmaker[Session]) -> dict[str, int]:
-    """How many rows each table the API writes holds."""
-    with sessions() as session:
-        row = session.execute(text("SELECT " + ", ".join(f"(SELECT count(*) FROM {t})" for t in TABLES))).one()
-    return dict(zip(TABLES, row, strict=True))
-
-
-def assert_problem(answer: httpx2.Response, status: int, code: str, field: str | None) -> dict[str, Any]:
-    """An RFC 9457 answer with Herald's ``code`` that names ``field`` among its errors."""
-    assert answer.status_code == status, answer.text
-    assert answer.headers["content-type"] == "application/problem+json"
-    body: dict[str, Any] = answer.json()
-    assert body["type"] == f"urn:herald:problem:{code}"
-    assert body["status"] == status
-    assert body["code"] == code
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str) and body["detail"]
-    if field is not None:
-        assert field in [e["field"] for e in body.get("errors", [])], body
-    return body
 
 
 def set_state(sessions: sessionmaker[Session], ids: list[str], state: DeliveryState, **values: Any) -> None:

@@ -7,13 +7,11 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-import httpx2
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from herald.api.app import create_app
@@ -21,31 +19,9 @@ from herald.config import Settings
 from herald.store import queries
 from herald.store.models import utcnow
 from tests import strategies
+from tests.support import assert_problem, row_counts
 
-TABLES = ("events", "deliveries", "endpoints", "endpoint_secrets", "idempotency_records")
 HOOK = "http://127.0.0.1:9/hook"
-
-
-def row_counts(sessions: sessionmaker[Session]) -> dict[str, int]:
-    """How many rows each table the API writes holds."""
-    with sessions() as session:
-        row = session.execute(text("SELECT " + ", ".join(f"(SELECT count(*) FROM {t})" for t in TABLES))).one()
-    return dict(zip(TABLES, row, strict=True))
-
-
-def assert_problem(answer: httpx2.Response, status: int, code: str, field: str | None) -> dict[str, Any]:
-    """An RFC 9457 answer with Herald's ``code`` that names ``field`` among its errors."""
-    assert answer.status_code == status, answer.text
-    assert answer.headers["content-type"] == "application/problem+json"
-    body: dict[str, Any] = answer.json()
-    assert body["type"] == f"urn:herald:problem:{code}"
-    assert body["status"] == status
-    assert body["code"] == code
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str) and body["detail"]
-    if field is not None:
-        assert field in [e["field"] for e in body.get("errors", [])], body
-    return body
 
 
 def make_endpoint(client: TestClient, auth: dict[str, str], **extra: Any) -> dict[str, Any]:

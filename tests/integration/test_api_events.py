@@ -6,42 +6,18 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import httpx2
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from herald.api.app import create_app
 from herald.config import Settings
 from herald.store.models import Delivery
 from tests import strategies
-
-TABLES = ("events", "deliveries", "endpoints", "endpoint_secrets", "idempotency_records")
-
-
-def row_counts(sessions: sessionmaker[Session]) -> dict[str, int]:
-    """How many rows each table the API writes holds."""
-    with sessions() as session:
-        row = session.execute(text("SELECT " + ", ".join(f"(SELECT count(*) FROM {t})" for t in TABLES))).one()
-    return dict(zip(TABLES, row, strict=True))
-
-
-def assert_problem(answer: httpx2.Response, status: int, code: str, field: str | None) -> dict[str, Any]:
-    """An RFC 9457 answer with Herald's ``code`` that names ``field`` among its errors."""
-    assert answer.status_code == status, answer.text
-    assert answer.headers["content-type"] == "application/problem+json"
-    body: dict[str, Any] = answer.json()
-    assert body["type"] == f"urn:herald:problem:{code}"
-    assert body["status"] == status
-    assert body["code"] == code
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str) and body["detail"]
-    if field is not None:
-        assert field in [e["field"] for e in body.get("errors", [])], body
-    return body
+from tests.support import assert_problem, row_counts
 
 
 def make_endpoint(client: TestClient, auth: dict[str, str], **extra: Any) -> str:
