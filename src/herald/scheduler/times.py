@@ -1,0 +1,112 @@
+"""Pure time maths: relative sends, quiet hours, cron. No I/O, so every rule is property-tested.
+
+All instants are aware UTC ``datetime``s; local times are computed in an IANA zone with
+``zoneinfo`` so daylight-saving changes are right (a local time that does not exist, in the
+spring gap, moves forward; one that exists twice, in the autumn fold, takes the first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from croniter import croniter
+
+from herald.errors import ValidationError
+
+
+@dataclass(frozen=True)
+class Relative:
+    """A time relative to an instant in the event's data.
+
+    ``offset_s`` alone: that many seconds from the instant (negative = before). With ``days`` and
+    ``at``: the local date ``days`` from the instant's local date, at local time ``at``.
+    """
+
+    field: str
+    offset_s: float = 0.0
+    days: int | None = None
+    at: time | None = None
+
+
+def lookup_instant(data: dict[str, Any], path: str, *, field: str) -> datetime:
+    """The aware instant at dotted ``path`` in ``data`` (ISO 8601 with an offset)."""
+    value: Any = data
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ValidationError(f"{field}: data has no {path!r}", field=field)
+        value = value[part]
+    if not isinstance(value, str):
+        raise ValidationError(f"{field}: data.{path} must be an ISO 8601 instant, got {value!r}", field=field)
+    try:
+        instant = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValidationError(f"{field}: data.{path} must be an ISO 8601 instant, got {value!r}", field=field) from None
+    if instant.tzinfo is None:
+        raise ValidationError(f"{field}: data.{path} needs a UTC offset, got {value!r}", field=field)
+    return instant.astimezone(UTC)
+
+
+def local_to_utc(day: date, at: time, zone: ZoneInfo) -> datetime:
+    """The instant of local ``day`` ``at`` in ``zone``; a time in a spring-forward gap moves
+    forward by the gap, a time in an autumn fold takes its first occurrence."""
+    # fold=0 (PEP 495) reads a gap time with the offset from before the jump, which lands after
+    # the gap once normalised, and a fold time as its first occurrence.
+    return datetime.combine(day, at).replace(tzinfo=zone, fold=0).astimezone(UTC)
+
+
+def resolve_relative(relative: Relative, data: dict[str, Any], zone: ZoneInfo, *, field: str) -> datetime:
+    anchor = lookup_instant(data, relative.field, field=field)
+    if relative.days is None or relative.at is None:
+        return anchor + timedelta(seconds=relative.offset_s)
+    local_day = anchor.astimezone(zone).date() + timedelta(days=relative.days)
+    return local_to_utc(local_day, relative.at, zone) + timedelta(seconds=relative.offset_s)
+
+
+@dataclass(frozen=True)
+class QuietHours:
+    start: time
+    end: time
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any] | None) -> QuietHours | None:
+        if not raw:
+            return None
+        return cls(time.fromisoformat(raw["start"]), time.fromisoformat(raw["end"]))
+
+    def contains(self, local: time) -> bool:
+        if self.start == self.end:
+            return False
+        if self.start < self.end:
+            return self.start <= local < self.end
+        return local >= self.start or local < self.end  # the window crosses midnight
+
+
+def after_quiet_hours(when: datetime, quiet: QuietHours | None, zone: ZoneInfo) -> datetime:
+    """``when``, or the end of the quiet window it falls in (local time in ``zone``)."""
+    if quiet is None:
+        return when
+    local = when.astimezone(zone)
+    if not quiet.contains(local.time().replace(tzinfo=None)):
+        return when
+    day = local.date()
+    if quiet.start > quiet.end and local.time().replace(tzinfo=None) >= quiet.start:
+        day += timedelta(days=1)  # late evening: the window ends tomorrow morning
+    end = local_to_utc(day, quiet.end, zone)
+    return max(end, when)
+
+
+def validate_cron(expression: str, *, field: str = "cron") -> str:
+    """A 5-field cron expression, or a ValidationError naming ``field``."""
+    if len(expression.split()) != 5 or not croniter.is_valid(expression):
+        raise ValidationError(f"{field}: not a 5-field cron expression, got {expression!r}", field=field)
+    return expression
+
+
+def next_fire(expression: str, zone: ZoneInfo, after: datetime) -> datetime:
+    """The first instant strictly after ``after`` at which ``expression`` fires in ``zone``."""
+    local = after.astimezone(zone)
+    fire: datetime = croniter(expression, local).get_next(datetime)
+    return fire.astimezone(UTC)
