@@ -95,3 +95,39 @@ event_request_bodies = st.one_of(
     json_bodies,
     st.binary(max_size=64),
 )
+
+
+# ---------------------------------------------------------------- SMS texts and locales
+
+# Spelled out here rather than imported, so the tests check herald.content.sms against the table.
+GSM_BASIC_CHARS = (
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+GSM_EXTENSION_CHARS = "\f^{}\\[~]|€"
+# Outside GSM 03.38: accented letters it lacks, a CJK ideograph, emoji beyond the BMP (surrogate pairs).
+NON_GSM_CHARS = "çãõúíâêôÁ✓中😀🚀"
+
+gsm_basic_texts = st.text(alphabet=GSM_BASIC_CHARS, max_size=700)
+gsm_texts = st.text(alphabet=GSM_BASIC_CHARS + GSM_EXTENSION_CHARS, max_size=700)
+sms_texts = gsm_texts | st.text(alphabet=GSM_BASIC_CHARS + GSM_EXTENSION_CHARS + NON_GSM_CHARS, max_size=400)
+
+
+def _mixed_case(draw: st.DrawFn, text: str) -> str:
+    return "".join(c.upper() if draw(st.booleans()) else c for c in text)
+
+
+@st.composite
+def locale_tags(draw: st.DrawFn) -> tuple[str, list[str]]:
+    """A BCP 47 tag in any case with ``-`` or ``_``, and its canonical subtags (``["pt", "BR"]``)."""
+    language = draw(st.text(string.ascii_lowercase, min_size=2, max_size=3))
+    subtags = [language]
+    if draw(st.booleans()):
+        subtags.append(draw(st.text(string.ascii_lowercase, min_size=4, max_size=4)).title())
+    if draw(st.booleans()):
+        region = draw(
+            st.text(string.ascii_uppercase, min_size=2, max_size=2) | st.from_regex(r"[0-9]{3}", fullmatch=True)
+        )
+        subtags.append(region)
+    separator = draw(st.sampled_from(["-", "_"]))
+    return _mixed_case(draw, separator.join(subtags)), subtags

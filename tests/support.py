@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import email
+import email.message
 import os
 import signal
 import socket
@@ -18,6 +20,7 @@ from typing import Any
 
 import httpx2
 from aiohttp import web
+from pydantic import BaseModel, SecretStr
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks import Webhook
@@ -134,13 +137,20 @@ class Receiver:
 def settings_env(settings: Settings) -> dict[str, str]:
     """``HERALD_*`` variables that make a child process build the same settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
-    env["HERALD_DATA_DIR"] = str(settings.data_dir)
-    env["HERALD_LOG_LEVEL"] = settings.log_level
-    for group in ("database", "redis", "api", "dispatch", "retry", "webhook", "worker"):
-        for name, value in getattr(settings, group).model_dump().items():
-            if isinstance(value, list):
-                value = ",".join(value)
-            env[f"HERALD_{group.upper()}__{name.upper()}"] = str(value)
+
+    def put(name: str, value: Any) -> None:
+        if isinstance(value, BaseModel):
+            for sub in type(value).model_fields:
+                put(f"{name}__{sub.upper()}", getattr(value, sub))
+        elif isinstance(value, SecretStr):
+            env[name] = value.get_secret_value()
+        elif isinstance(value, list):
+            env[name] = ",".join(str(v) for v in value)
+        elif value is not None:
+            env[name] = str(value)
+
+    for name in Settings.model_fields:
+        put(f"HERALD_{name.upper()}", getattr(settings, name))
     return env
 
 
@@ -218,3 +228,80 @@ def assert_problem(answer: httpx2.Response, status: int, code: str, field: str |
     if field is not None:
         assert field in [e["field"] for e in body.get("errors", [])], body
     return body
+
+
+class MailSink:
+    """A real SMTP server (aiosmtpd) on loopback that keeps every message it receives."""
+
+    def __init__(self) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.messages: list[email.message.Message] = []
+        self.port = free_port()
+        sink = self
+
+        class Handler:
+            async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
+                sink.messages.append(email.message_from_bytes(envelope.content))
+                return "250 2.0.0 Ok: queued"
+
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+
+    def start(self) -> MailSink:
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    def to(self, address: str) -> list[email.message.Message]:
+        return [m for m in self.messages if m["To"] == address]
+
+
+@dataclass
+class SmsProvider:
+    """A generic JSON SMS provider on loopback: records ``{to, from, text, reference}`` bodies."""
+
+    status: int = 200
+    received: list[dict[str, Any]] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/sms"
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.received.append(await request.json())
+        return web.json_response({"id": f"msg-{len(self.received)}"}, status=self.status)
+
+    def start(self) -> SmsProvider:
+        ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+
+        async def serve() -> None:
+            app = web.Application()
+            app.router.add_post("/sms", self._handle)
+            self._runner = web.AppRunner(app, access_log=None)
+            await self._runner.setup()
+            await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+            self.port = self._runner.addresses[0][1]
+            ready.set()
+
+        def main() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(serve())
+            self._loop.run_forever()
+            self._loop.run_until_complete(self._runner.cleanup())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=main, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def to(self, number: str) -> list[dict[str, Any]]:
+        return [m for m in self.received if m.get("to") == number]

@@ -132,6 +132,17 @@ class SmsSettings(BaseModel):
     outbox_dir: Path | None = None
 
 
+class OtpSettings(BaseModel):
+    """One-time passcodes: length, lifetime, verification attempts and send throttling."""
+
+    length: int = Field(default=6, ge=4, le=10)
+    ttl_s: int = Field(default=300, ge=30, le=3600)
+    max_attempts: int = Field(default=5, ge=1, le=20)
+    sends_per_window: int = Field(default=5, ge=1)
+    window_s: int = Field(default=900, ge=1)
+    pepper: SecretStr = SecretStr("")
+
+
 class WorkerSettings(BaseModel):
     concurrency: int = Field(default=2, ge=1)
     max_tasks_per_child: int = Field(default=0, ge=0)
@@ -153,6 +164,16 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     sms: SmsSettings = Field(default_factory=SmsSettings)
+    otp: OtpSettings = Field(default_factory=OtpSettings)
+    link_secret: SecretStr = SecretStr("")
+    critical_categories: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["otp", "security"])
+
+    @field_validator("critical_categories", mode="before")
+    @classmethod
+    def _split_categories(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _lease_covers_timeouts(self) -> Settings:

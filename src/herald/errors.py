@@ -67,6 +67,22 @@ class UnsafeUrlError(HeraldError):
     title = "Refused webhook URL"
 
 
+class RateLimitedError(HeraldError):
+    code = "rate_limited"
+    status = 429
+    title = "Too many requests"
+
+    def __init__(self, message: str, *, field: str | None = None, retry_after_s: int | None = None) -> None:
+        super().__init__(message, field=field)
+        self.retry_after_s = retry_after_s
+
+
+class OtpError(HeraldError):
+    code = "otp_invalid"
+    status = 422
+    title = "Passcode not accepted"
+
+
 class ConfigError(HeraldError):
     code = "config_error"
     title = "Bad configuration"

@@ -20,3 +20,13 @@ def latency_pattern(prefix: str) -> str:
 def rate(prefix: str, endpoint_id: str, second: int) -> str:
     """A per-endpoint counter for one wall-clock second (endpoint max rate)."""
     return f"{prefix}:rate:{endpoint_id}:{second}"
+
+
+def otp_code(prefix: str, delivery_id: str) -> str:
+    """The plaintext of a one-time passcode, kept only until it expires, read once by the worker."""
+    return f"{prefix}:otp:{delivery_id}"
+
+
+def timeline(prefix: str, tenant_id: str) -> str:
+    """Pub/sub channel of a tenant's new events and delivery state changes (for SSE streams)."""
+    return f"{prefix}:timeline:{tenant_id}"

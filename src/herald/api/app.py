@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
+from typing import Any
 
 import redis
 from fastapi import FastAPI
@@ -12,8 +14,10 @@ from prometheus_client import CollectorRegistry
 from herald import __version__, keys
 from herald.api import problems
 from herald.api.limits import BodyLimit
-from herald.api.routes import deliveries, endpoints, events, ops
+from herald.api.routes import deliveries, endpoints, events, ops, otp, recipients, subjects, templates
 from herald.config import LANES, Settings
+from herald.intake import IntakePolicy
+from herald.links import link_key
 from herald.metrics import HeraldCollector
 from herald.store.db import make_engine, make_sessionmaker
 
@@ -45,6 +49,26 @@ def create_app(settings: Settings) -> FastAPI:
             logger.warning("could not wake the dispatcher; it will find the work on its next tick")
 
     app.state.wake = wake
+    app.state.link_key = link_key(settings.link_secret.get_secret_value(), settings.data_dir)
+    app.state.intake_policy = IntakePolicy(
+        critical_categories=frozenset(settings.critical_categories), unsubscribe_url=settings.smtp.unsubscribe_url
+    )
+    prefix = settings.redis.key_prefix
+
+    def announce(tenant_id: str, answers: list[dict[str, Any]]) -> None:
+        """Tell live timelines about new events (best effort: the timeline itself reads the database)."""
+        try:
+            pipe = app.state.redis.pipeline(transaction=False)
+            for answer in answers:
+                if answer.get("subject"):
+                    message = {"kind": "event", "subject": answer["subject"], "event_id": answer["id"],
+                               "type": answer["type"]}  # fmt: skip
+                    pipe.publish(keys.timeline(prefix, tenant_id), json.dumps(message))
+            pipe.execute()
+        except redis.RedisError:
+            logger.warning("could not announce new events to live timelines")
+
+    app.state.announce = announce
     registry = CollectorRegistry()
     registry.register(
         HeraldCollector(
@@ -53,7 +77,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.registry = registry
     problems.install(app)
-    for module in (endpoints, events, deliveries, ops):
+    for module in (endpoints, events, deliveries, recipients, templates, otp, subjects, ops):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
     return app

@@ -63,7 +63,11 @@ def install(app: FastAPI) -> None:
         if exc.status >= 500:
             logger.error("internal error: %s", exc.code)
         errors = getattr(exc, "errors", None) or ([{"field": exc.field, "message": exc.message}] if exc.field else None)
-        return problem(exc.status, code=exc.code, title=exc.title, detail=exc.message, errors=errors)
+        response = problem(exc.status, code=exc.code, title=exc.title, detail=exc.message, errors=errors)
+        retry_after = getattr(exc, "retry_after_s", None)
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(max(1, int(retry_after)))
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from herald.store.models import Lane
@@ -58,6 +58,29 @@ class EndpointOut(BaseModel):
     secret: str | None = None
 
 
+RecipientRef = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:@-]+$")]
+Category = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_.-]{1,60}$")]
+
+
+class RelativeIn(In):
+    """A time relative to an ISO 8601 instant in ``data`` (``field`` is a dotted path).
+
+    ``{"field": "visit.starts_at", "offset_s": -86400}``: 24 hours before. ``{"field": …, "days": -1,
+    "at": "09:00"}``: the day before at 09:00 in the recipient's time zone.
+    """
+
+    field: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+){0,9}$")]
+    offset_s: float = Field(default=0.0, ge=-366 * 86400, le=366 * 86400, allow_inf_nan=False)
+    days: int | None = Field(default=None, ge=-366, le=366, strict=True)
+    at: Annotated[str, StringConstraints(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")] | None = None
+
+    @model_validator(mode="after")
+    def _days_with_at(self) -> RelativeIn:
+        if (self.days is None) != (self.at is None):
+            raise ValueError("days and at: give both or neither")
+        return self
+
+
 class EventIn(In):
     type: EventType
     subject: Subject | None = None
@@ -65,6 +88,22 @@ class EventIn(In):
     endpoint_ids: list[ObjectId] | None = Field(default=None, min_length=1, max_length=100)
     idempotency_key: Key | None = None
     lane: Lane = Lane.transactional
+    recipients: list[RecipientRef] | None = Field(default=None, min_length=1, max_length=1000)
+    channels: list[Literal["email", "sms"]] | None = Field(default=None, min_length=1, max_length=2)
+    category: Category | None = None
+    send_at: AwareDatetime | None = None
+    send_relative: RelativeIn | None = None
+    deliver_by: AwareDatetime | None = None
+    deliver_by_relative: RelativeIn | None = None
+    schedule_key: Key | None = None
+
+    @model_validator(mode="after")
+    def _one_send_time(self) -> EventIn:
+        if self.send_at is not None and self.send_relative is not None:
+            raise ValueError("send_at and send_relative: give one, not both")
+        if self.deliver_by is not None and self.deliver_by_relative is not None:
+            raise ValueError("deliver_by and deliver_by_relative: give one, not both")
+        return self
 
     @field_validator("data")
     @classmethod
@@ -91,6 +130,8 @@ class DeliveryBrief(BaseModel):
     endpoint_id: str | None
     channel: str
     state: str
+    recipient: str | None = None
+    due_at: datetime | None = None
 
 
 class EventAccepted(BaseModel):

@@ -22,7 +22,9 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from herald import keys
-from herald.channels.base import Sent, WebhookMessage
+from herald.channels.base import EmailMessage, Sent, SmsMessage, WebhookMessage
+from herald.channels.email import EmailChannel
+from herald.channels.sms import SmsChannel
 from herald.channels.webhook import WebhookChannel
 from herald.config import Settings
 from herald.errors import ChannelError, PermanentChannelError, TransientChannelError
@@ -30,17 +32,24 @@ from herald.logs import redact
 from herald.metrics import record_latencies
 from herald.store import queries
 from herald.store.db import make_engine, make_sessionmaker
-from herald.store.models import Attempt, Delivery, DeliveryState, Endpoint, Event, Tenant, utcnow
+from herald.store.models import Attempt, Channel, Delivery, DeliveryState, Endpoint, Event, Tenant, utcnow
 from herald.worker.retry import Action, RetryPolicy
 
 logger = logging.getLogger(__name__)
+
+
+Message = WebhookMessage | EmailMessage | SmsMessage
+
+# Where a one-time passcode stands in rendered content: the code itself is never written to the
+# database; it waits in Redis (see herald.otp) and is put in place just before sending.
+OTP_MARKER = "__HERALD_OTP_CODE__"
 
 
 @dataclass
 class Job:
     delivery: Delivery
     policy: RetryPolicy
-    message: WebhookMessage
+    message: Message
 
 
 @dataclass
@@ -52,16 +61,23 @@ class Result:
     error: ChannelError | None
 
 
-def webhook_body(event: Event) -> bytes:
-    """The payload of every webhook for ``event``: the same bytes on every attempt."""
+def webhook_body(event: Event, content: dict[str, Any] | None = None) -> bytes:
+    """The payload of every webhook for ``event``: the same bytes on every attempt.
+
+    A tenant's webhook template, rendered when the event was accepted, replaces ``data``.
+    """
     payload = {
         "id": event.id,
         "type": event.type,
         "subject": event.subject,
         "timestamp": event.created_at.isoformat(),
-        "data": event.data,
+        "data": content["body"] if content and "body" in content else event.data,
     }
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def otp_key(prefix: str, delivery_id: str) -> str:
+    return keys.otp_code(prefix, delivery_id)
 
 
 class Runtime:
@@ -73,8 +89,11 @@ class Runtime:
         self.sessions = make_sessionmaker(self.engine)
         self.redis: redis.Redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
         self.loop = asyncio.new_event_loop()
-        self.channel = WebhookChannel(settings.webhook)
-        self.loop.run_until_complete(self.channel.start())
+        self.webhook = WebhookChannel(settings.webhook)
+        self.email = EmailChannel(settings.smtp, outbox_dir=settings.outbox_dir / "email")
+        self.sms = SmsChannel(settings.sms, outbox_dir=settings.outbox_dir / "sms")
+        for channel in (self.webhook, self.email, self.sms):
+            self.loop.run_until_complete(channel.start())
         self.rng = random.Random()
 
     def deliver(self, ids: list[str]) -> None:
@@ -120,23 +139,68 @@ class Runtime:
             for delivery, event, endpoint, tenant in rows:
                 if delivery.deliver_by is not None and delivery.deliver_by <= now:
                     finished.append(_finish(delivery, DeliveryState.expired, "deliver_by passed before sending", now))
-                elif endpoint is None or not endpoint.enabled:
-                    finished.append(_finish(delivery, DeliveryState.dead, "endpoint disabled or deleted", now))
-                else:
-                    policy = RetryPolicy.from_settings(
-                        self.settings.retry, max_attempts=tenant.retry_max_attempts, window_s=tenant.retry_window_s
-                    )
-                    message = WebhookMessage(
-                        delivery_id=delivery.id,
-                        url=endpoint.url,
-                        secrets=secrets.get(endpoint.id, []),
-                        body=webhook_body(event),
-                    )
-                    jobs.append(Job(delivery, policy, message))
+                    continue
+                message, problem = self._message(delivery, event, endpoint, secrets)
+                if message is None:
+                    finished.append(_finish(delivery, DeliveryState.dead, problem, now))
+                    continue
+                policy = RetryPolicy.from_settings(
+                    self.settings.retry, max_attempts=tenant.retry_max_attempts, window_s=tenant.retry_window_s
+                )
+                jobs.append(Job(delivery, policy, message))
             jobs = self._rate_limit(session, jobs, rows, now)
             if finished:
                 session.execute(update(Delivery), finished)
         return jobs
+
+    def _publish(self, changes: list[tuple[Delivery, str]]) -> None:
+        try:
+            publish_states(self.redis, prefix=self.settings.redis.key_prefix, changes=changes)
+        except redis.RedisError:
+            logger.warning("could not publish state changes to live timelines")
+
+    def _message(
+        self, delivery: Delivery, event: Event, endpoint: Endpoint | None, secrets: dict[str, list[str]]
+    ) -> tuple[Message | None, str]:
+        """The message to send for ``delivery``, or None and why it cannot be sent."""
+        content = delivery.content or {}
+        if delivery.channel == Channel.webhook:
+            if endpoint is None or not endpoint.enabled:
+                return None, "endpoint disabled or deleted"
+            return WebhookMessage(
+                delivery_id=delivery.id,
+                url=endpoint.url,
+                secrets=secrets.get(endpoint.id, []),
+                body=webhook_body(event, delivery.content),
+            ), ""
+        if not delivery.address:
+            return None, "no address (recipient deleted?)"
+        text = str(content.get("text", ""))
+        if OTP_MARKER in text or OTP_MARKER in str(content.get("html", "")):
+            code = self._otp_code(delivery.id)
+            if code is None:
+                return None, "one-time passcode no longer available"
+            text = text.replace(OTP_MARKER, code)
+            content = {**content, "text": text, "html": str(content.get("html") or "").replace(OTP_MARKER, code)}
+        if delivery.channel == Channel.email:
+            return EmailMessage(
+                delivery_id=delivery.id,
+                to=delivery.address,
+                subject=str(content.get("subject", "")),
+                text=text,
+                html=content.get("html") or None,
+                headers=dict(content.get("headers") or {}),
+            ), ""
+        if delivery.channel == Channel.sms:
+            return SmsMessage(delivery_id=delivery.id, to=delivery.address, text=text), ""
+        return None, f"unknown channel {delivery.channel!r}"
+
+    def _otp_code(self, delivery_id: str) -> str | None:
+        # A Redis error fails the task: the lease runs out and the reconciler tries again.
+        raw = self.redis.get(otp_key(self.settings.redis.key_prefix, delivery_id))
+        if raw is None:
+            return None
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
 
     def _rate_limit(self, session: Session, jobs: list[Job], rows: Any, now: datetime) -> list[Job]:
         """Hold back what would exceed an endpoint's ``max_rate_per_s`` this second."""
@@ -190,7 +254,13 @@ class Runtime:
         sent: Sent | None = None
         error: ChannelError | None = None
         try:
-            sent = await self.channel.send(job.message)
+            message = job.message
+            if isinstance(message, WebhookMessage):
+                sent = await self.webhook.send(message)
+            elif isinstance(message, EmailMessage):
+                sent = await self.email.send(message)
+            else:
+                sent = await self.sms.send(message)
         except ChannelError as exc:
             error = exc
         except Exception as exc:  # a bug must not lose the delivery: retry it
@@ -228,7 +298,9 @@ class Runtime:
                     "outcome": decision.action.value,
                     "error": error_text,
                     "decision": redact(decision.reason, limit=300),
-                    "provider": None,
+                    "provider": (
+                        result.sent.provider if result.sent else result.error.provider if result.error else None
+                    ),
                 }
             )
             state = {
@@ -259,6 +331,7 @@ class Runtime:
             queries.disable_endpoints(
                 session=session, ids=[i for i in disable if i], reason="receiver answered 410 Gone"
             )
+        self._publish([(r.job.delivery, u["state"]) for r, u in zip(results, updates, strict=True)])
         try:
             record_latencies(
                 self.redis,
@@ -267,6 +340,17 @@ class Runtime:
             )
         except redis.RedisError:
             logger.warning("could not record attempt latencies")
+
+
+def publish_states(client: redis.Redis, *, prefix: str, changes: list[tuple[Delivery, str]]) -> None:
+    """Tell live timelines (SSE streams in any API process) that deliveries changed state."""
+    pipe = client.pipeline(transaction=False)
+    for delivery, state in changes:
+        if delivery.subject:
+            payload = {"kind": "delivery", "subject": delivery.subject, "delivery_id": delivery.id,
+                       "event_id": delivery.event_id, "channel": delivery.channel, "state": str(state)}  # fmt: skip
+            pipe.publish(keys.timeline(prefix, delivery.tenant_id), json.dumps(payload))
+    pipe.execute()
 
 
 def _finish(delivery: Delivery, state: DeliveryState, reason: str, now: datetime) -> dict[str, Any]:

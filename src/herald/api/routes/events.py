@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+from datetime import time
 from typing import Any
 
 from fastapi import APIRouter, Request
 from sqlalchemy.exc import IntegrityError
 
 from herald.api.deps import IdPath, SessionDep, TenantDep
-from herald.api.schemas import BatchAccepted, BatchIn, DeliveryBrief, EventAccepted, EventIn, EventOut
-from herald.intake import NewEvent, accept_events
+from herald.api.schemas import BatchAccepted, BatchIn, DeliveryBrief, EventAccepted, EventIn, EventOut, RelativeIn
+from herald.intake import IntakePolicy, NewEvent, accept_events
+from herald.scheduler.times import Relative
 from herald.store import queries
 from herald.store.models import Tenant, utcnow
 
 router = APIRouter(prefix="/v1/events", tags=["events"])
+
+
+def _relative(value: RelativeIn | None) -> Relative | None:
+    if value is None:
+        return None
+    at = time.fromisoformat(value.at) if value.at else None
+    return Relative(field=value.field, offset_s=value.offset_s, days=value.days, at=at)
 
 
 def _new(event: EventIn) -> NewEvent:
@@ -24,6 +33,14 @@ def _new(event: EventIn) -> NewEvent:
         lane=event.lane,
         endpoint_ids=event.endpoint_ids,
         idempotency_key=event.idempotency_key,
+        recipients=event.recipients,
+        channels=list(event.channels) if event.channels else None,
+        category=event.category,
+        send_at=event.send_at,
+        send_relative=_relative(event.send_relative),
+        deliver_by=event.deliver_by,
+        deliver_by_relative=_relative(event.deliver_by_relative),
+        schedule_key=event.schedule_key,
     )
 
 
@@ -32,19 +49,22 @@ def _accepted(request: Request, answer: dict[str, Any]) -> EventAccepted:
 
 
 def _accept(request: Request, session: SessionDep, tenant: Tenant, events: list[EventIn], prefix: str) -> list[Any]:
+    new = [_new(e) for e in events]
+    policy: IntakePolicy = request.app.state.intake_policy
     try:
         answers = accept_events(
-            session=session, tenant=tenant, events=[_new(e) for e in events], now=utcnow(), field_prefix=prefix
+            session=session, tenant=tenant, events=new, now=utcnow(), field_prefix=prefix, policy=policy
         )
         session.commit()
     except IntegrityError:
         # A concurrent request with the same idempotency key committed first: answer as it did.
         session.rollback()
         answers = accept_events(
-            session=session, tenant=tenant, events=[_new(e) for e in events], now=utcnow(), field_prefix=prefix
+            session=session, tenant=tenant, events=new, now=utcnow(), field_prefix=prefix, policy=policy
         )
         session.commit()
     request.app.state.wake()
+    request.app.state.announce(tenant.id, answers)
     return answers
 
 

@@ -1,0 +1,64 @@
+"""The examples run end to end against real Herald processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from herald.config import Settings
+from tests.e2e.test_timeline import start_api
+from tests.support import MailSink, Processes
+
+pytestmark = pytest.mark.slow
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+@pytest.fixture
+def mail() -> Iterator[MailSink]:
+    sink = MailSink().start()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture
+def settings(settings: Settings, mail: MailSink) -> Settings:
+    return settings.model_copy(
+        update={"smtp": settings.smtp.model_copy(update={"host": "127.0.0.1", "port": mail.port, "tls": "none"})}
+    )
+
+
+def test_complaints_scenario(
+    client: TestClient, api_key: str, processes: Processes, mail: MailSink, settings: Settings
+) -> None:
+    api = start_api(processes, "api")
+    processes.worker()
+    processes.dispatcher()
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "complaints" / "run.py"), "--api", api, "--key", api_key,
+         "--email", "consumer@example.com"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    subjects = [m["Subject"] for m in mail.to("consumer@example.com")]
+    assert sorted(subjects) == sorted(
+        f"Ticket ticket:4711: {s}" for s in ("submitted", "in review", "escalated", "resolved")
+    )
+    timeline = json.loads(done.stdout[done.stdout.index("{") :])
+    assert [e["type"] for e in timeline["events"]] == [
+        "ticket.submitted", "ticket.status_changed", "ticket.escalated", "ticket.resolved"
+    ]  # fmt: skip
+    states = {d["channel"]: d["state"] for e in timeline["events"] for d in e["deliveries"]}
+    assert states == {"email": "delivered", "sms": "suppressed"}  # no phone number: recorded, not sent
+    # Running the scenario again sends nothing new: every event carries an idempotency key.
+    again = subprocess.run(
+        [sys.executable, str(EXAMPLES / "complaints" / "run.py"), "--api", api, "--key", api_key, "--wait-s", "1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert len(mail.to("consumer@example.com")) == 4
