@@ -146,14 +146,19 @@ def scheduler() -> None:
 
 
 @main.command()
-def beat() -> None:
-    """Run Celery beat for Herald's periodic jobs."""
+@click.option(
+    "--schedule-file", envvar="HERALD_BEAT__SCHEDULE_FILE", show_envvar=True, default=None,
+    help="beat's state file (default <data>/beat-schedule); each beat process needs its own",
+)  # fmt: skip
+def beat(schedule_file: str | None) -> None:
+    """Run Celery beat for Herald's periodic jobs (several beats may run: each tick runs once)."""
     from herald.worker.celery_app import make_celery
 
     s = settings()
     s.data_dir.mkdir(parents=True, exist_ok=True)
     app = make_celery(s)
-    app.Beat(schedule=str((s.data_dir / "beat-schedule").resolve()), loglevel=s.log_level).run()
+    schedule = schedule_file or str((s.data_dir / "beat-schedule").resolve())
+    app.Beat(schedule=schedule, loglevel=s.log_level).run()
 
 
 # ------------------------------------------------------------------ tenants

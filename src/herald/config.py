@@ -54,6 +54,7 @@ class DispatchSettings(BaseModel):
     target_tasks: int = Field(default=8, ge=1)
     max_in_flight: int = Field(default=20000, ge=1)
     lease_s: float = Field(default=120.0, gt=0)
+    visibility_timeout_s: float = Field(default=0.0, ge=0)
     reconcile_every_s: float = Field(default=5.0, gt=0)
 
 
@@ -143,6 +144,14 @@ class OtpSettings(BaseModel):
     pepper: SecretStr = SecretStr("")
 
 
+class SchedulerSettings(BaseModel):
+    """Periodic jobs driven by Celery beat."""
+
+    recurring_every_s: float = Field(default=10.0, gt=0)
+    cleanup_every_s: float = Field(default=3600.0, gt=0)
+    idempotency_ttl_s: float = Field(default=24 * 3600.0, gt=0)
+
+
 class WorkerSettings(BaseModel):
     concurrency: int = Field(default=2, ge=1)
     max_tasks_per_child: int = Field(default=0, ge=0)
@@ -165,6 +174,7 @@ class Settings(BaseSettings):
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     sms: SmsSettings = Field(default_factory=SmsSettings)
     otp: OtpSettings = Field(default_factory=OtpSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     link_secret: SecretStr = SecretStr("")
     critical_categories: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["otp", "security"])
 

@@ -14,7 +14,18 @@ from prometheus_client import CollectorRegistry
 from herald import __version__, keys
 from herald.api import problems
 from herald.api.limits import BodyLimit
-from herald.api.routes import deliveries, endpoints, events, ops, otp, recipients, subjects, templates
+from herald.api.routes import (
+    deliveries,
+    endpoints,
+    events,
+    ops,
+    otp,
+    recipients,
+    recurring,
+    schedules,
+    subjects,
+    templates,
+)
 from herald.config import LANES, Settings
 from herald.intake import IntakePolicy
 from herald.links import link_key
@@ -77,7 +88,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.registry = registry
     problems.install(app)
-    for module in (endpoints, events, deliveries, recipients, templates, otp, subjects, ops):
+    for module in (endpoints, events, deliveries, recipients, templates, otp, subjects, schedules, recurring, ops):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
     return app

@@ -99,9 +99,11 @@ def after_quiet_hours(when: datetime, quiet: QuietHours | None, zone: ZoneInfo) 
 
 
 def validate_cron(expression: str, *, field: str = "cron") -> str:
-    """A 5-field cron expression, or a ValidationError naming ``field``."""
-    if len(expression.split()) != 5 or not croniter.is_valid(expression):
-        raise ValidationError(f"{field}: not a 5-field cron expression, got {expression!r}", field=field)
+    """A 5-field cron expression (an optional 6th field is seconds), or a ValidationError naming ``field``."""
+    if len(expression.split()) not in (5, 6) or not croniter.is_valid(expression):
+        raise ValidationError(
+            f"{field}: not a 5-field cron expression (6 with seconds), got {expression!r}", field=field
+        )
     return expression
 
 

@@ -10,6 +10,7 @@ from kombu.entity import Queue
 from herald.config import LANES, Settings
 
 DELIVER_BATCH = "herald.deliver_batch"
+PERIODIC = "herald.periodic"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -21,7 +22,7 @@ def make_celery(settings: Settings) -> Celery:
     the reconciler has already re-dispatched its rows, and the duplicate finds them taken.
     """
     app = Celery("herald", broker=settings.broker_url, set_as_current=False)
-    visibility_timeout = int(settings.dispatch.lease_s * 2 + 60)
+    visibility_timeout = int(settings.dispatch.visibility_timeout_s or settings.dispatch.lease_s * 2 + 60)
     conf: dict[str, Any] = {
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -41,6 +42,19 @@ def make_celery(settings: Settings) -> Celery:
         "task_queues": [Queue(lane) for lane in LANES],
         "task_default_queue": "transactional",
         "task_create_missing_queues": False,
+        "beat_schedule": {
+            name: {
+                "task": PERIODIC,
+                "schedule": every_s,
+                "args": [name],
+                # A tick nobody ran in time is dropped: the next tick does the same work.
+                "options": {"queue": "transactional", "expires": every_s},
+            }
+            for name, every_s in (
+                ("recurring", settings.scheduler.recurring_every_s),
+                ("cleanup", settings.scheduler.cleanup_every_s),
+            )
+        },
         "timezone": "UTC",
         "enable_utc": True,
     }

@@ -96,6 +96,13 @@ class Runtime:
             self.loop.run_until_complete(channel.start())
         self.rng = random.Random()
 
+    def wake(self) -> None:
+        """Tell the dispatcher new work is due (periodic jobs that created deliveries)."""
+        try:
+            self.redis.rpush(keys.wake(self.settings.redis.key_prefix), 1)
+        except redis.RedisError:
+            logger.warning("could not wake the dispatcher; it will find the work on its next tick")
+
     def deliver(self, ids: list[str]) -> None:
         """Send the deliveries ``ids`` that are still ours to send; record what happened."""
         jobs = self._take(ids)

@@ -9,7 +9,8 @@ from typing import Any
 from celery import Celery
 
 from herald.config import Settings
-from herald.worker.celery_app import DELIVER_BATCH
+from herald.scheduler import jobs
+from herald.worker.celery_app import DELIVER_BATCH, PERIODIC
 from herald.worker.delivery import runtime_for
 
 logger = logging.getLogger(__name__)
@@ -22,3 +23,9 @@ def register(app: Celery, settings: Settings) -> None:
             logger.error("deliver_batch: expected a list of delivery ids, dropping message")
             return
         runtime_for(settings).deliver(ids)
+
+    @app.task(name=PERIODIC, ignore_result=True)
+    def periodic(name: str) -> None:
+        runtime = runtime_for(settings)
+        if jobs.run(settings, runtime.sessions, name):
+            runtime.wake()

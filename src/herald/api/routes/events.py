@@ -25,7 +25,8 @@ def _relative(value: RelativeIn | None) -> Relative | None:
     return Relative(field=value.field, offset_s=value.offset_s, days=value.days, at=at)
 
 
-def _new(event: EventIn) -> NewEvent:
+def new_event(event: EventIn) -> NewEvent:
+    """The intake form of an API event (also used for stored recurring events)."""
     return NewEvent(
         type=event.type,
         subject=event.subject,
@@ -49,7 +50,7 @@ def _accepted(request: Request, answer: dict[str, Any]) -> EventAccepted:
 
 
 def _accept(request: Request, session: SessionDep, tenant: Tenant, events: list[EventIn], prefix: str) -> list[Any]:
-    new = [_new(e) for e in events]
+    new = [new_event(e) for e in events]
     policy: IntakePolicy = request.app.state.intake_policy
     try:
         answers = accept_events(
