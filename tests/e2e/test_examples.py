@@ -62,3 +62,24 @@ def test_complaints_scenario(
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert len(mail.to("consumer@example.com")) == 4
+
+
+def test_clinic_scenario(
+    client: TestClient, api_key: str, processes: Processes, mail: MailSink, settings: Settings
+) -> None:
+    api = start_api(processes, "api")
+    processes.worker()
+    processes.dispatcher()
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "clinic" / "run.py"), "--api", api, "--key", api_key,
+         "--email", "patient@example.com", "--starts-in-s", "8", "--reminder-before-s", "4"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "reminder for visit 88: delivered" in done.stdout
+    subjects = sorted(m["Subject"] for m in mail.to("patient@example.com"))
+    assert len(subjects) == 2 and subjects[0].startswith("Receipt p-1001") and subjects[1].startswith("Reminder")
+    receipt = next(m for m in mail.to("patient@example.com") if m["Subject"].startswith("Receipt"))
+    parts = {p.get_content_type(): p.get_payload(decode=True).decode() for p in receipt.walk() if not p.is_multipart()}
+    assert "2 x Blood test: 10.00" in parts["text/plain"] and "Total: 107.10 EUR" in parts["text/plain"]
+    assert "<th>107.10 EUR</th>" in parts["text/html"]
