@@ -175,8 +175,13 @@ class Processes:
         self.running[name] = proc
         return proc
 
-    def worker(self, name: str = "worker", lanes: str = "otp,transactional,bulk", concurrency: int = 2) -> None:
+    def worker(
+        self, name: str = "worker", lanes: str = "otp,transactional,bulk", concurrency: int = 2, *, wait: bool = False
+    ) -> None:
+        """Start a Celery worker; with ``wait``, return once it consumes (timing-sensitive tests)."""
         self.start(name, "worker", "--lanes", lanes, "--concurrency", str(concurrency), "--name", f"{name}@%h")
+        if wait:
+            wait_until(lambda: " ready." in self.log(name), timeout_s=60, what=f"{name} to be ready")
 
     def dispatcher(self, name: str = "dispatcher") -> None:
         self.start(name, "scheduler")

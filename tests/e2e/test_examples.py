@@ -68,7 +68,7 @@ def test_clinic_scenario(
     client: TestClient, api_key: str, processes: Processes, mail: MailSink, settings: Settings
 ) -> None:
     api = start_api(processes, "api")
-    processes.worker()
+    processes.worker(wait=True)  # the reminder has a 4 s window before the visit starts
     processes.dispatcher()
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / "clinic" / "run.py"), "--api", api, "--key", api_key,

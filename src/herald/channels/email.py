@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.policy
+import email.errors
+import email.generator
 import email.utils
+import io
 import logging
 import os
 import re
@@ -33,6 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from email.message import EmailMessage as MimeMessage
+from email.policy import EmailPolicy
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -79,6 +82,32 @@ _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 ftext: printable 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 _DOMAIN = re.compile(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*")
 _MAX_ID_CHARS = 128
+_MAX_HEADER_CHARS = 990  # RFC 5322 2.1.1: 998 characters per line, name and ": " included
+
+
+class _MailPolicy(EmailPolicy):
+    """The SMTP policy, except that callers' plain ASCII header values are kept verbatim.
+
+    Python folds a long unstructured value such as ``List-Unsubscribe: <https://…/long-url>`` into
+    RFC 2047 encoded words, which no mail client reads back as a URL (RFC 2369 wants it as is).
+    Herald's own headers, and non-ASCII values (which need encoded words), are folded as usual.
+    """
+
+    def header_store_parse(self, name: str, value: Any) -> tuple[str, Any]:
+        if isinstance(value, str) and value.isascii() and name.lower() not in _RESERVED_HEADERS:
+            return name, value  # CR/LF were refused before; "refold_source=none" keeps it one line
+        return super().header_store_parse(name, value)
+
+
+_POLICY = _MailPolicy(linesep="\r\n", refold_source="none")
+
+
+def _flatten(mime: MimeMessage, *, utf8: bool, eight_bit: bool) -> bytes:
+    """The message as sent: UTF-8 headers only for an SMTPUTF8 server, 8-bit bodies only for 8BITMIME."""
+    policy = _POLICY.clone(utf8=utf8, cte_type="8bit" if eight_bit else "7bit")
+    with io.BytesIO() as buffer:
+        email.generator.BytesGenerator(buffer, policy=policy).flatten(mime)
+        return buffer.getvalue()
 
 
 @dataclass
@@ -214,7 +243,7 @@ class EmailChannel:
         slots = self._slots
         if slots is None:
             raise RuntimeError("EmailChannel.send() called before start()")
-        mime = self.build(message)
+        mime = self.compose(message)
         if self.uses_outbox:
             return await self._write_outbox(message.delivery_id, mime)
         async with slots:
@@ -226,7 +255,7 @@ class EmailChannel:
                 raise _failure(exc, message, timeout_s=self._settings.timeout_s) from exc
         return Sent(status_code=250, provider=SMTP_PROVIDER)
 
-    def build(self, message: EmailMessage) -> MimeMessage:
+    def compose(self, message: EmailMessage) -> MimeMessage:
         """The MIME message for ``message``; raises ``PermanentChannelError`` for unusable input."""
         delivery_id = message.delivery_id
         if len(delivery_id) > _MAX_ID_CHARS or not _SAFE_ID.fullmatch(delivery_id):
@@ -242,18 +271,23 @@ class EmailChannel:
                 raise PermanentChannelError(f"headers: {name!r} is set by the email channel")
             if _has_newline(value):
                 raise PermanentChannelError(f"headers: {name!r} contains CR or LF")
-        mime = MimeMessage()
-        mime["From"] = self._settings.sender
-        mime["To"] = message.to
-        mime["Subject"] = message.subject
-        mime["Date"] = email.utils.formatdate(usegmt=True)
-        mime["Message-ID"] = f"<{delivery_id}@{self._id_domain}>"
-        mime["Herald-Delivery-Id"] = delivery_id
-        for name, value in message.headers.items():
-            mime[name] = value
-        mime.set_content(message.text)
-        if message.html is not None:
-            mime.add_alternative(message.html, subtype="html")
+            if len(name) + len(value) > _MAX_HEADER_CHARS:
+                raise PermanentChannelError(f"headers: {name!r} is longer than a mail line may be")
+        mime = MimeMessage(policy=_POLICY)
+        try:
+            mime["From"] = self._settings.sender
+            mime["To"] = message.to
+            mime["Subject"] = message.subject
+            mime["Date"] = email.utils.formatdate(usegmt=True)
+            mime["Message-ID"] = f"<{delivery_id}@{self._id_domain}>"
+            mime["Herald-Delivery-Id"] = delivery_id
+            for name, value in message.headers.items():
+                mime[name] = value
+            mime.set_content(message.text)
+            if message.html is not None:
+                mime.add_alternative(message.html, subtype="html")
+        except (ValueError, TypeError, email.errors.MessageError) as exc:
+            raise PermanentChannelError(_text(f"message: cannot be built: {exc}", message.to)) from exc
         return mime
 
     async def _deliver(self, mime: MimeMessage, to: str, slots: asyncio.Semaphore) -> None:
@@ -272,7 +306,18 @@ class EmailChannel:
 
     async def _transact(self, client: aiosmtplib.SMTP, mime: MimeMessage, to: str, slots: asyncio.Semaphore) -> None:
         try:
-            await client.send_message(mime, sender=self._envelope_from, recipients=[to])
+            # What aiosmtplib's send_message does, flattened with Herald's policy instead of its own.
+            options = []
+            utf8 = not (self._envelope_from + to).isascii()
+            if utf8:
+                if not client.supports_extension("smtputf8"):
+                    raise aiosmtplib.SMTPNotSupported("a non-ASCII address needs SMTPUTF8, which the server lacks")
+                options.append("SMTPUTF8")
+            eight_bit = client.supports_extension("8bitmime")
+            if eight_bit:
+                options.append("BODY=8BITMIME")
+            data = _flatten(mime, utf8=utf8, eight_bit=eight_bit)
+            await client.sendmail(self._envelope_from, [to], data, mail_options=options)
         except (
             aiosmtplib.SMTPResponseException,
             aiosmtplib.SMTPRecipientsRefused,
@@ -308,6 +353,8 @@ class EmailChannel:
                 tls_context=self._tls_context,
             )
             await client.connect()
+            if client.is_ehlo_or_helo_needed:  # no STARTTLS or login: learn the extensions now
+                await client.ehlo()
         except aiosmtplib.SMTPAuthenticationError as exc:
             raise TransientChannelError(
                 f"SMTP login refused ({exc.code}): check HERALD_SMTP__USERNAME and HERALD_SMTP__PASSWORD",
@@ -347,7 +394,7 @@ class EmailChannel:
     async def _write_outbox(self, delivery_id: str, mime: MimeMessage) -> Sent:
         path = outbox_path(self._outbox_dir, delivery_id, ".eml")
         try:
-            await asyncio.to_thread(write_atomic, path, mime.as_bytes(policy=email.policy.SMTP))
+            await asyncio.to_thread(write_atomic, path, _flatten(mime, utf8=True, eight_bit=True))
         except OSError as exc:
             raise TransientChannelError(
                 _text(f"outbox: cannot write {path}: {exc.strerror or exc}"), provider=OUTBOX_PROVIDER
@@ -392,7 +439,9 @@ def _failure(exc: Exception, message: EmailMessage, *, timeout_s: float) -> Chan
         return PermanentChannelError(text, status_code=exc.code, provider=SMTP_PROVIDER)
     if isinstance(exc, aiosmtplib.SMTPNotSupported):
         # e.g. a non-ASCII address and a server without SMTPUTF8: this message cannot go there.
-        return PermanentChannelError(_text(f"SMTP server cannot take this message: {exc.message}", message.to))
+        return PermanentChannelError(
+            _text(f"SMTP server cannot take this message: {exc.message}", message.to), provider=SMTP_PROVIDER
+        )
     if isinstance(exc, ValueError):
         return PermanentChannelError("to: not a usable email address", provider=SMTP_PROVIDER)
     if isinstance(exc, TimeoutError):

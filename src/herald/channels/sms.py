@@ -4,12 +4,11 @@
 both send the delivery id as the provider's idempotency key. ``SmsChannel`` tries the primary,
 then the secondary when the primary fails transiently or its circuit is open. Outcomes:
 
-    2xx                                   Sent(provider=<name>)
-    429, 503                              TransientChannelError(retry_after_s=Retry-After)  → failover
-    401, 403 (our credentials), 408, 409, 425, 5xx, other codes
-                                          TransientChannelError                             → failover
-    other 4xx (Twilio: 400 {"code": …})   PermanentChannelError                             → no failover
-    timeout, refused, reset               TransientChannelError                             → failover
+    2xx                                        Sent(provider=<name>)
+    429, 503                                   TransientChannelError(retry_after_s=Retry-After)  failover
+    401, 403, 408, 409, 425, 5xx, other codes  TransientChannelError                             failover
+    other 4xx (Twilio: 400 {"code": 21211})    PermanentChannelError                             no failover
+    timeout, refused, reset                    TransientChannelError                             failover
 
 A provider refusing our credentials is an outage of that provider, not a verdict on the message,
 hence 401/403 fail over. Phone numbers and texts (OTP codes travel in them) never reach logs or
@@ -19,6 +18,7 @@ error texts: a provider's answer is stripped of both and redacted before it is k
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import errno
 import json
@@ -167,8 +167,10 @@ def check_provider(settings: SmsProviderSettings, *, role: str) -> None:
         if url is None or url.scheme not in ("http", "https") or not url.host:
             raise ConfigError(f"{prefix}URL: must be an http(s) URL, got {settings.url!r}")
     if settings.kind == "twilio":
-        if not settings.account_sid:
-            raise ConfigError(f"{prefix}ACCOUNT_SID: required for kind 'twilio', got ''")
+        if not settings.account_sid or ":" in settings.account_sid:
+            raise ConfigError(
+                f"{prefix}ACCOUNT_SID: required for kind 'twilio', without ':', got {settings.account_sid!r}"
+            )
         if not settings.sender:
             raise ConfigError(f"{prefix}SENDER: required for kind 'twilio' (the From number), got ''")
 
@@ -263,12 +265,14 @@ class TwilioSmsProvider(_HttpProvider):
         super().__init__(settings, session=session, timeout_s=timeout_s)
         base = (settings.url or TWILIO_URL).rstrip("/")
         self._url = f"{base}/2010-04-01/Accounts/{quote(settings.account_sid, safe='')}/Messages.json"
-        self._auth = aiohttp.BasicAuth(settings.account_sid, settings.auth_token.get_secret_value())
+        # Built by hand: aiohttp 3.14 deprecates BasicAuth, and its replacement is not in 3.10.
+        credentials = f"{settings.account_sid}:{settings.auth_token.get_secret_value()}".encode()
+        self._authorization = "Basic " + base64.b64encode(credentials).decode("ascii")
 
     async def send(self, message: SmsMessage) -> Sent:
         form = {"To": message.to, "From": self._settings.sender, "Body": message.text}
-        headers = {"I-Twilio-Idempotency-Token": message.delivery_id}
-        status, body = await self._post(self._url, message, data=form, headers=headers, auth=self._auth)
+        headers = {"Authorization": self._authorization, "I-Twilio-Idempotency-Token": message.delivery_id}
+        status, body = await self._post(self._url, message, data=form, headers=headers)
         return SmsSent(status_code=status, provider=self.name, message_id=_message_id(body))
 
 
@@ -311,7 +315,11 @@ class SmsChannel:
                 continue
             check_provider(provider, role=role)
             breaker = CircuitBreaker(settings.circuit_failures, settings.circuit_reset_s, clock)
-            self._routes.append(_Route(provider, provider_name(provider), breaker))
+            name = provider_name(provider)
+            if any(route.name == name for route in self._routes):
+                # Sent.provider and the circuits must tell the two apart.
+                raise ConfigError(f"HERALD_SMS__SECONDARY__NAME: must differ from the primary's, got {name!r}")
+            self._routes.append(_Route(provider, name, breaker))
         self._session: aiohttp.ClientSession | None = None
         self._started = False
 
@@ -338,8 +346,14 @@ class SmsChannel:
             cookie_jar=aiohttp.DummyCookieJar(),
             headers={"User-Agent": USER_AGENT},
         )
-        for route in self._routes:
-            route.provider = make_provider(route.settings, session=self._session, timeout_s=self._settings.timeout_s)
+        try:
+            for route in self._routes:
+                route.provider = make_provider(
+                    route.settings, session=self._session, timeout_s=self._settings.timeout_s
+                )
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         """Close the HTTP session; circuit states survive a restart."""
