@@ -24,7 +24,7 @@ from herald.config import Settings
 from herald.store import queries
 from herald.store.db import make_engine, make_sessionmaker, transaction
 from herald.store.migrate import upgrade
-from tests.support import Processes, Receiver, free_port, wait_until
+from tests.support import Processes, Receiver, free_port, sqlite_database, wait_until
 
 PG_ENV = "HERALD_TEST_POSTGRES_URL"
 PG_SKIP = f"PostgreSQL tests need {PG_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/postgres); .ci/run sets it"
@@ -77,9 +77,13 @@ _db_index = itertools.cycle(range(1, 16))
 
 
 @pytest.fixture
-def redis_url(redis_server: str) -> Iterator[str]:
-    """A Redis database index of its own for this test, flushed before and after."""
-    url = f"{redis_server}/{next(_db_index)}"
+def redis_url(redis_server: str, worker_id: str) -> Iterator[str]:
+    """A Redis database index of its own for this test, flushed before and after.
+
+    Under pytest-xdist each worker process owns one index (tests in a worker run one at a time).
+    """
+    index = 1 + int(worker_id.removeprefix("gw")) % 15 if worker_id.startswith("gw") else next(_db_index)
+    url = f"{redis_server}/{index}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield url
@@ -118,11 +122,7 @@ def _replace_db(url: str, name: str) -> str:
 def database_url(request: pytest.FixtureRequest, tmp_path: Path, pg_template: str | None) -> Iterator[str]:
     """A migrated, empty database: a SQLite file, or a PostgreSQL database cloned from the template."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'herald.db'}"
-        engine = make_engine(url)
-        upgrade(engine)
-        engine.dispose()
-        yield url
+        yield sqlite_database(tmp_path)
         return
     admin = os.environ.get(PG_ENV)
     if not admin or pg_template is None:

@@ -26,6 +26,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks import Webhook
 
 from herald.config import Settings
+from herald.store.db import make_engine
+from herald.store.migrate import upgrade
 from herald.store.models import Base
 
 
@@ -310,3 +312,12 @@ class SmsProvider:
 
     def to(self, number: str) -> list[dict[str, Any]]:
         return [m for m in self.received if m.get("to") == number]
+
+
+def sqlite_database(tmp_path: Path) -> str:
+    """A migrated SQLite file (modules that pin themselves to SQLite override ``database_url`` with it)."""
+    url = f"sqlite:///{tmp_path / 'herald.db'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    return url

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,9 +14,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from herald.config import Settings
 from herald.store.models import Delivery
-from tests.support import settings_env
+from tests.support import settings_env, sqlite_database
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """Scenario tests run on SQLite only; the delivery spine's e2e tests cover both databases."""
+    return sqlite_database(tmp_path)
 
 
 def herald(settings: Settings, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:

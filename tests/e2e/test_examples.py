@@ -13,9 +13,17 @@ from fastapi.testclient import TestClient
 
 from herald.config import Settings
 from tests.e2e.test_timeline import start_api
-from tests.support import MailSink, Processes
+from tests.support import MailSink, Processes, sqlite_database
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """Scenario tests run on SQLite only; the delivery spine's e2e tests cover both databases."""
+    return sqlite_database(tmp_path)
+
+
 EXAMPLES = Path(__file__).parents[2] / "examples"
 
 
@@ -68,11 +76,11 @@ def test_clinic_scenario(
     client: TestClient, api_key: str, processes: Processes, mail: MailSink, settings: Settings
 ) -> None:
     api = start_api(processes, "api")
-    processes.worker(wait=True)  # the reminder has a 4 s window before the visit starts
+    processes.worker(wait=True)  # the reminder has a 12 s window before the visit starts
     processes.dispatcher()
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / "clinic" / "run.py"), "--api", api, "--key", api_key,
-         "--email", "patient@example.com", "--starts-in-s", "8", "--reminder-before-s", "4"],
+         "--email", "patient@example.com", "--starts-in-s", "24", "--reminder-before-s", "12"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -14,9 +14,17 @@ from fastapi.testclient import TestClient
 
 from herald.config import Settings, SmsProviderSettings
 from tests.e2e.test_timeline import start_api
-from tests.support import MailSink, Processes, Receiver, SmsProvider, wait_until
+from tests.support import MailSink, Processes, Receiver, SmsProvider, sqlite_database, wait_until
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """Scenario tests run on SQLite only; the delivery spine's e2e tests cover both databases."""
+    return sqlite_database(tmp_path)
+
+
 EXAMPLES = Path(__file__).parents[2] / "examples"
 EMAIL = "seeded.person+desk@complaints-example.org"
 PHONE = "+4917612345678"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -14,9 +15,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from herald.config import Settings, SmsProviderSettings
 from herald.store.ids import new_id
 from herald.store.models import Delivery, Template, Tenant
-from tests.support import MailSink, Processes, SmsProvider, assert_problem, wait_until
+from tests.support import MailSink, Processes, SmsProvider, assert_problem, sqlite_database, wait_until
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """Scenario tests run on SQLite only; the delivery spine's e2e tests cover both databases."""
+    return sqlite_database(tmp_path)
+
 
 EMAIL = "dana.customer@example.com"
 PHONE = "+4915123456789"

@@ -17,9 +17,15 @@ from herald.config import Settings
 from herald.links import LinkClaims, link_key, sign_link
 from herald.store.models import Tenant, utcnow
 from tests.e2e.test_delivery import make_endpoint
-from tests.support import Processes, Receiver, free_port, wait_until
+from tests.support import Processes, Receiver, free_port, sqlite_database, wait_until
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """Scenario tests run on SQLite only; the delivery spine's e2e tests cover both databases."""
+    return sqlite_database(tmp_path)
 
 
 class SseReader:
@@ -27,6 +33,7 @@ class SseReader:
 
     def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
         self.events: list[tuple[str, dict[str, object]]] = []
+        self.lines: list[str] = []
         self.response = requests.get(url, headers=headers or {}, stream=True, timeout=(5, 30))
         assert self.response.status_code == 200, self.response.text
         assert self.response.headers["content-type"].startswith("text/event-stream")
@@ -37,6 +44,7 @@ class SseReader:
         kind = ""
         try:
             for line in self.response.iter_lines(decode_unicode=True):
+                self.lines.append(line)
                 if line.startswith("event: "):
                     kind = line.removeprefix("event: ")
                 elif line.startswith("data: "):
@@ -69,13 +77,14 @@ def test_streams_push_events_and_state_changes_across_api_processes(
     make_endpoint(client, auth, receiver)
     api_a = start_api(processes, "api-a")
     api_b = start_api(processes, "api-b")
-    processes.worker()
+    processes.worker(wait=True)
     processes.dispatcher()
     tenant_stream = SseReader(f"{api_b}/v1/subjects/ticket:9/stream", headers=auth)
     link = client.post("/v1/subjects/ticket:9/links", json={"ttl_s": 3600}, headers=auth).json()
     consumer_stream = SseReader(f"{api_b}/v1/public/stream?token={link['token']}")
     try:
-        wait_until(lambda: True, timeout_s=0.5)  # the subscriptions are set up when the first byte is read
+        for reader in (tenant_stream, consumer_stream):  # the stream's first line follows its subscription
+            wait_until(lambda r=reader: any(line.startswith("retry:") for line in r.lines), what="the subscription")
         posted = requests.post(
             f"{api_a}/v1/events", json={"type": "ticket.escalated", "subject": "ticket:9"}, headers=auth, timeout=10
         ).json()
@@ -88,13 +97,13 @@ def test_streams_push_events_and_state_changes_across_api_processes(
                 lambda r=reader: (
                     ("event", {"subject": "ticket:9", "event_id": posted["id"], "type": "ticket.escalated"}) in r.events
                 ),
-                timeout_s=10,
+                timeout_s=30,
                 what="the new event on the stream",
             )
             wait_until(
                 lambda r=reader: any(k == "delivery" and d["delivery_id"] == delivery_id and d["state"] == "delivered"
                                      for k, d in r.events),
-                timeout_s=10,
+                timeout_s=30,
                 what="the delivered state on the stream",
             )  # fmt: skip
             assert all(d.get("subject") == "ticket:9" for _, d in reader.events)

@@ -36,7 +36,7 @@ class Up:
                 [sys.executable, "-m", "herald.cli", "up"], env=self.env, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
-        wait_until(self.ready, timeout_s=60, interval_s=0.2, what="herald up to be ready")
+        wait_until(self.ready, timeout_s=150, interval_s=0.2, what="herald up to be ready")
 
     def ready(self) -> bool:
         try:
@@ -80,6 +80,7 @@ def post(up: Up, path: str, key: str, body: dict[str, object]) -> dict[str, obje
     return dict(answer.json())
 
 
+@pytest.mark.timeout(400)  # two cold starts of seven processes on a busy 2-core machine
 def test_herald_up_runs_restarts_stops_and_resumes(up: Up, receiver: Receiver) -> None:
     up.start()
     assert (Path(up.env["HERALD_DATA_DIR"]) / "herald.db").exists()

@@ -1,0 +1,161 @@
+"""Drops in real processes: ``herald watch`` + dispatcher + worker + a receiver, ``kill -9`` in the
+middle of a large file, and ``herald drops`` in the terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import distinct, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from herald.config import Settings
+from herald.store import queries
+from herald.store.db import transaction
+from herald.store.ids import new_id
+from herald.store.models import Delivery, Drop, Endpoint, Event
+from tests.support import Processes, Receiver, settings_env, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def herald(settings: Settings, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "herald.cli", *args], env=settings_env(settings), capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def drop_file(folder: Path, name: str, write: Any) -> Path:
+    """Write NAME.part, then rename it into place, as senders must."""
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f"{name}.part"
+    with partial.open("w") as out:
+        write(out)
+    os.replace(partial, folder / name)
+    return folder / name
+
+
+def the_drop(sessions: sessionmaker[Session]) -> Drop | None:
+    with sessions() as session:
+        return session.scalars(select(Drop)).one_or_none()
+
+
+def test_watch_delivers_a_csv_drop_end_to_end_and_reports_it(
+    settings: Settings,
+    client: TestClient,
+    auth: dict[str, str],
+    receiver: Receiver,
+    processes: Processes,
+    sessions: sessionmaker[Session],
+) -> None:
+    endpoint = client.post("/v1/endpoints", json={"url": receiver.url}, headers=auth).json()
+    receiver.secrets.append(endpoint["secret"])
+    drops = settings.data_dir / "drops"
+    campaign = drops / "spring"
+    campaign.mkdir(parents=True)
+    config = {"tenant": "acme", "endpoint_id": endpoint["id"], "event_type": "promo.sent", "data": {"offer": "S10"}}
+    (campaign / "campaign.json").write_text(json.dumps(config))
+    processes.env.update(
+        {"HERALD_INGEST__RESCAN_S": "0.5", "HERALD_INGEST__REPORT_EVERY_S": "0.5", "HERALD_INGEST__CHUNK_SIZE": "500"}
+    )
+    processes.start("watch", "watch")
+    processes.worker(lanes="bulk")
+    processes.dispatcher()
+
+    def write(out: Any) -> None:
+        out.write("\ufeffuser_id,name\r\n# exported from the CRM\r\n")
+        for n in range(2000):
+            out.write(f'user-{n},"Customer {n}, Esq."\r\n')
+        out.write("bad id,x\r\nuser-7,again\r\nuser-9999\r\n")
+
+    (campaign / "ignored.csv.part").write_text("user_id\nnot-sent\n")
+    drop_file(campaign, "users.csv", write)
+
+    wait_until(lambda: len(receiver.ids()) >= 2000, timeout_s=60, what="2,000 webhooks")
+    bodies = [json.loads(r.body) for r in receiver.received]
+    users = {b["data"]["user_id"] for b in bodies}
+    assert users == {f"user-{n}" for n in range(2000)} and len(receiver.ids()) == 2000
+    first = next(b for b in bodies if b["data"]["user_id"] == "user-1")
+    assert first["type"] == "promo.sent" and first["subject"] == "user-1"
+    assert first["data"] == {"user_id": "user-1", "name": "Customer 1, Esq.", "offer": "S10"}
+    assert receiver.bad_signatures == 0
+
+    report_file = drops / "done" / "spring" / "users.csv.report.json"
+    report = wait_until(
+        lambda: report_file.exists() and (r := json.loads(report_file.read_text()))["state"] == "finished" and r,
+        timeout_s=30,
+        what="the report to say finished",
+    )
+    assert (report["lines"], report["accepted"], report["rejected"]) == (2005, 2000, 3)
+    assert (report["delivered"], report["dead"], report["pending"]) == (2000, 0, 0)
+    assert [r["line"] for r in report["rejections"]] == [2003, 2004, 2005]
+    assert report["rejections"][1]["reason"] == "duplicate of line 10"
+    assert report["timings"]["delivered_at"] and report["timings"]["ingest_s"] is not None
+    assert (drops / "done" / "spring" / "users.csv").exists() and not (campaign / "users.csv").exists()
+    assert (campaign / "ignored.csv.part").exists()
+
+    listed = herald(settings, "drops")
+    assert "[####################] 100% 2,000/2,000 delivered, 0 dead, 3 lines rejected" in listed
+    assert "spring/users.csv" in listed and "finished" in listed
+    shown = herald(settings, "drops", "show", report["drop_id"])
+    assert "2,005 lines: 2,000 accepted, 3 rejected" in shown and "line 2004: duplicate of line 10" in shown
+
+    # The same file again: nothing new is created or sent, and the report says why.
+    drop_file(campaign, "users-again.csv", write)
+    duplicate = drops / "done" / "spring" / "users-again.csv.report.json"
+    wait_until(duplicate.exists, timeout_s=20, what="the duplicate's report")
+    assert json.loads(duplicate.read_text())["duplicate_of"] == report["drop_id"]
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Delivery)) == 2000
+    assert len(receiver.received) == 2000
+
+
+def test_kill_9_during_ingestion_resumes_without_losing_or_doubling_a_line(
+    settings: Settings, api_key: str, processes: Processes, sessions: sessionmaker[Session]
+) -> None:
+    total = 100_000
+    with transaction(sessions) as session:
+        tenant = queries.get_tenant(session=session, ref="acme")
+        endpoint = Endpoint(id=new_id("end"), tenant_id=tenant.id, url="http://127.0.0.1:9/hook")
+        session.add(endpoint)
+    processes.env.update(
+        {
+            "HERALD_INGEST__TENANT": "acme",
+            "HERALD_INGEST__ENDPOINT_ID": endpoint.id,
+            "HERALD_INGEST__CHUNK_SIZE": "2000",
+            "HERALD_INGEST__CHUNK_PAUSE_S": "0.03",  # 50 chunks of at least 30 ms: the kill lands mid-file
+        }
+    )
+    drops = settings.data_dir / "drops"
+    path = drop_file(drops, "big.txt", lambda out: out.writelines(f"{n:08d}\n" for n in range(total)))
+    processes.start("watch", "watch")
+    wait_until(lambda: (d := the_drop(sessions)) is not None and d.lines >= 10_000, timeout_s=60, what="chunks")
+    processes.kill("watch")
+
+    drop = the_drop(sessions)
+    assert drop is not None and drop.state == "ingesting" and 10_000 <= drop.lines < total
+    with sessions() as session:
+        committed = session.scalar(select(func.count()).select_from(Delivery))
+    assert committed == drop.accepted == drop.lines  # the chunk in flight at the kill left nothing behind
+    assert path.exists()
+
+    processes.start("watch-again", "watch")
+    wait_until(lambda: (d := the_drop(sessions)) is not None and d.state != "ingesting", timeout_s=60, what="the rest")
+    assert "resuming big.txt after line" in processes.log("watch-again")
+    drop = the_drop(sessions)
+    assert drop is not None and (drop.lines, drop.accepted, drop.rejected) == (total, total, 0)
+    with sessions() as session:
+        deliveries = session.scalar(select(func.count()).select_from(Delivery))
+        subjects = session.scalar(select(func.count(distinct(Delivery.subject))))
+        events = session.scalar(select(func.count()).select_from(Event))
+    assert deliveries == subjects == events == total
+    assert (drops / "done" / "big.txt").exists() and not path.exists()
