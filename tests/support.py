@@ -75,6 +75,8 @@ class Receiver:
     bad_signatures: int = 0
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     port: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
 
     @property
     def url(self) -> str:
@@ -90,8 +92,13 @@ class Receiver:
             self.bad_signatures += 1
         webhook_id = headers.get("webhook-id", "")
         self.calls[webhook_id] += 1
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+        finally:
+            self.in_flight -= 1
         answer = self.behaviour(webhook_id, self.calls[webhook_id])
         status, extra = answer if isinstance(answer, tuple) else (answer, {})
         self.received.append(Received(webhook_id, headers.get("webhook-timestamp", ""), body, time.time(), status))

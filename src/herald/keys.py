@@ -30,3 +30,8 @@ def otp_code(prefix: str, delivery_id: str) -> str:
 def timeline(prefix: str, tenant_id: str) -> str:
     """Pub/sub channel of a tenant's new events and delivery state changes (for SSE streams)."""
     return f"{prefix}:timeline:{tenant_id}"
+
+
+def pause(prefix: str, endpoint_id: str) -> str:
+    """Until when (epoch seconds) deliveries to an endpoint wait after a 429/503; expires by itself."""
+    return f"{prefix}:pause:{endpoint_id}"

@@ -123,3 +123,39 @@ def test_lanes_are_separate_queues(
     assert receiver.ids() == {otp}
     processes.worker(name="bulk-worker", lanes="bulk")
     wait_until(lambda: receiver.ids() == {otp, *bulk}, what="the bulk worker to drain its lane")
+
+
+def test_endpoint_concurrency_limit_and_pause_after_503(
+    client: TestClient, auth: dict[str, str], receiver: Receiver, processes: Processes
+) -> None:
+    receiver.delay_s = 0.3
+    make_endpoint(client, auth, receiver, max_concurrency=2)
+    processes.worker(concurrency=1, wait=True)
+    processes.dispatcher()
+    events = [{"type": "drop.user", "subject": f"user:{i}", "lane": "bulk"} for i in range(12)]
+    client.post("/v1/events/batch", json={"events": events}, headers=auth)
+    wait_until(lambda: len(receiver.ids()) == 12, what="the throttled batch")
+    assert receiver.max_in_flight == 2  # one worker process, at most two requests at once to this endpoint
+
+    receiver.received.clear()
+    receiver.delay_s = 0.0
+    calls: list[str] = []
+
+    def overloaded_once(webhook_id: str, _n: int) -> int | tuple[int, dict[str, str]]:
+        calls.append(webhook_id)
+        return (503, {"Retry-After": "3"}) if len(calls) == 1 else 200
+
+    receiver.behaviour = overloaded_once
+    first = send(client, auth)
+    wait_until(lambda: receiver.ids() == {first}, what="the 503")
+    refused_at = receiver.received[0].at
+    later = [send(client, auth) for _ in range(3)]
+    wait_until(lambda: receiver.ids() >= {first, *later}, timeout_s=30, what="everything after the pause")
+    # The other deliveries waited out the receiver's Retry-After although none of them got a 503.
+    assert all(r.at >= refused_at + 3.0 - 0.05 for r in receiver.received if r.webhook_id in later)
+    assert all(record_attempts(client, auth, i) == 1 for i in later)  # held back, not failed
+
+
+def record_attempts(client: TestClient, auth: dict[str, str], delivery_id: str) -> int:
+    wait_until(lambda: settled(client, auth, delivery_id, "delivered"), what="recorded")
+    return int(delivery(client, auth, delivery_id)["attempt_count"])  # type: ignore[call-overload]

@@ -33,6 +33,7 @@ class EndpointIn(In):
     description: ShortText = ""
     event_types: list[EventTypeFilter] | None = Field(default=None, max_length=100)
     max_rate_per_s: int | None = Field(default=None, ge=1, le=100_000, strict=True)
+    max_concurrency: int | None = Field(default=None, ge=1, le=10_000, strict=True)
 
 
 class EndpointPatch(In):
@@ -40,6 +41,7 @@ class EndpointPatch(In):
     description: ShortText | None = None
     event_types: list[EventTypeFilter] | None = Field(default=None, max_length=100)
     max_rate_per_s: int | None = Field(default=None, ge=1, le=100_000, strict=True)
+    max_concurrency: int | None = Field(default=None, ge=1, le=10_000, strict=True)
 
 
 class RotateIn(In):
@@ -52,6 +54,7 @@ class EndpointOut(BaseModel):
     description: str
     event_types: list[str] | None
     max_rate_per_s: int | None
+    max_concurrency: int | None = None
     enabled: bool
     disabled_reason: str | None
     created_at: datetime

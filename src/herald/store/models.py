@@ -116,6 +116,7 @@ class Endpoint(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     event_types: Mapped[list[str] | None] = mapped_column(JSON)
     max_rate_per_s: Mapped[int | None] = mapped_column(Integer)
+    max_concurrency: Mapped[int | None] = mapped_column(Integer)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     disabled_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 Message = WebhookMessage | EmailMessage | SmsMessage
 
+# The longest an endpoint is paused for one 429/503 answer, whatever its Retry-After says.
+MAX_PAUSE_S = 300.0
+
 # Where a one-time passcode stands in rendered content: the code itself is never written to the
 # database; it waits in Redis (see herald.otp) and is put in place just before sending.
 OTP_MARKER = "__HERALD_OTP_CODE__"
@@ -50,6 +53,7 @@ class Job:
     delivery: Delivery
     policy: RetryPolicy
     message: Message
+    max_concurrency: int | None = None
 
 
 @dataclass
@@ -112,7 +116,9 @@ class Runtime:
         self._record(results)
 
     async def _send_all(self, jobs: list[Job]) -> list[Result]:
-        return list(await asyncio.gather(*(self._send(job) for job in jobs)))
+        limits = {j.delivery.endpoint_id: j.max_concurrency for j in jobs if j.max_concurrency}
+        gates = {endpoint_id: asyncio.Semaphore(n) for endpoint_id, n in limits.items() if endpoint_id}
+        return list(await asyncio.gather(*(self._send(job, gates.get(job.delivery.endpoint_id or "")) for job in jobs)))
 
     def _take(self, ids: list[str]) -> list[Job]:
         now = utcnow()
@@ -154,8 +160,8 @@ class Runtime:
                 policy = RetryPolicy.from_settings(
                     self.settings.retry, max_attempts=tenant.retry_max_attempts, window_s=tenant.retry_window_s
                 )
-                jobs.append(Job(delivery, policy, message))
-            jobs = self._rate_limit(session, jobs, rows, now)
+                jobs.append(Job(delivery, policy, message, endpoint.max_concurrency if endpoint else None))
+            jobs = self._rate_limit(session, self._respect_pauses(session, jobs, now), rows, now)
             if finished:
                 session.execute(update(Delivery), finished)
         return jobs
@@ -209,6 +215,56 @@ class Runtime:
             return None
         return raw.decode() if isinstance(raw, bytes) else str(raw)
 
+    def _respect_pauses(self, session: Session, jobs: list[Job], now: datetime) -> list[Job]:
+        """Hold back deliveries to endpoints that recently answered 429/503 until the pause ends.
+
+        The pause lives in Redis, so every worker slows down for a struggling receiver, not only
+        the one that got the answer; held deliveries keep their attempt count.
+        """
+        endpoint_ids = sorted({j.delivery.endpoint_id for j in jobs if j.delivery.endpoint_id})
+        if not endpoint_ids:
+            return jobs
+        prefix = self.settings.redis.key_prefix
+        try:
+            raw = self.redis.mget([keys.pause(prefix, e) for e in endpoint_ids])
+        except redis.RedisError:
+            return jobs
+        until = {e: float(v) for e, v in zip(endpoint_ids, raw, strict=True) if v is not None}
+        paused = {e: t for e, t in until.items() if t > now.timestamp()}
+        if not paused:
+            return jobs
+        kept: list[Job] = []
+        held: list[dict[str, Any]] = []
+        for job in jobs:
+            resume = paused.get(job.delivery.endpoint_id or "")
+            if resume is None:
+                kept.append(job)
+            else:
+                due = datetime.fromtimestamp(resume, now.tzinfo)
+                held.append({"id": job.delivery.id, "state": DeliveryState.queued, "due_at": due, "lease_until": None})
+        session.execute(update(Delivery), held)
+        return kept
+
+    def _pause(self, results: list[Result]) -> None:
+        """Start (or extend) an endpoint's pause after it answered 429 or 503."""
+        pauses: dict[str, float] = {}
+        for result in results:
+            error = result.error
+            endpoint_id = result.job.delivery.endpoint_id
+            if endpoint_id and isinstance(error, TransientChannelError) and error.status_code in (429, 503):
+                wait_s = min(max(error.retry_after_s or 1.0, 0.1), MAX_PAUSE_S)
+                pauses[endpoint_id] = max(pauses.get(endpoint_id, 0.0), wait_s)
+        if not pauses:
+            return
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for endpoint_id, wait_s in pauses.items():
+                pipe.set(keys.pause(self.settings.redis.key_prefix, endpoint_id), time.time() + wait_s,
+                         px=int(wait_s * 1000))  # fmt: skip
+            pipe.execute()
+        except redis.RedisError:
+            logger.warning("could not record an endpoint pause")
+
     def _rate_limit(self, session: Session, jobs: list[Job], rows: Any, now: datetime) -> list[Job]:
         """Hold back what would exceed an endpoint's ``max_rate_per_s`` this second."""
         limits = {e.id: e.max_rate_per_s for _, _, e, _ in rows if e is not None and e.max_rate_per_s}
@@ -255,7 +311,10 @@ class Runtime:
             session.execute(update(Delivery), deferred)
         return kept
 
-    async def _send(self, job: Job) -> Result:
+    async def _send(self, job: Job, gate: asyncio.Semaphore | None = None) -> Result:
+        if gate is not None:
+            async with gate:
+                return await self._send(job)
         started_at = utcnow()
         start = time.perf_counter()
         sent: Sent | None = None
@@ -338,6 +397,7 @@ class Runtime:
             queries.disable_endpoints(
                 session=session, ids=[i for i in disable if i], reason="receiver answered 410 Gone"
             )
+        self._pause(results)
         self._publish([(r.job.delivery, u["state"]) for r, u in zip(results, updates, strict=True)])
         try:
             record_latencies(

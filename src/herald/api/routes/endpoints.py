@@ -23,6 +23,7 @@ def _out(endpoint: Endpoint, secret: str | None = None) -> EndpointOut:
         description=endpoint.description,
         event_types=endpoint.event_types,
         max_rate_per_s=endpoint.max_rate_per_s,
+        max_concurrency=endpoint.max_concurrency,
         enabled=endpoint.enabled,
         disabled_reason=endpoint.disabled_reason,
         created_at=endpoint.created_at,
@@ -45,6 +46,7 @@ def create_endpoint(body: EndpointIn, request: Request, session: SessionDep, ten
         description=body.description,
         event_types=body.event_types,
         max_rate_per_s=body.max_rate_per_s,
+        max_concurrency=body.max_concurrency,
         enabled=True,
     )
     session.add(endpoint)
