@@ -24,7 +24,7 @@ from herald.config import Settings
 from herald.store import queries
 from herald.store.db import make_engine, make_sessionmaker, transaction
 from herald.store.migrate import upgrade
-from tests.support import Processes, Receiver, free_port, sqlite_database, wait_until
+from tests.support import MailSink, Processes, Receiver, SmsProvider, free_port, sqlite_database, wait_until
 
 PG_ENV = "HERALD_TEST_POSTGRES_URL"
 PG_SKIP = f"PostgreSQL tests need {PG_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/postgres); .ci/run sets it"
@@ -183,6 +183,22 @@ def api_key(sessions: sessionmaker[Session]) -> str:
 @pytest.fixture
 def auth(api_key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"}
+
+
+@pytest.fixture
+def mail() -> Iterator[MailSink]:
+    """A real SMTP server (aiosmtpd) on loopback."""
+    sink = MailSink().start()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture
+def sms_provider() -> Iterator[SmsProvider]:
+    """A JSON SMS provider on loopback."""
+    provider = SmsProvider().start()
+    yield provider
+    provider.stop()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,44 @@ class Received:
     body: bytes
     at: float
     status: int
+
+
+class ThreadedServer:
+    """An aiohttp app served on 127.0.0.1 from its own thread and event loop."""
+
+    def __init__(self, path: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> None:
+        self.path = path
+        self.handler = handler
+        self.port = 0
+
+    def start(self, port: int = 0) -> int:
+        ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+
+        async def serve() -> None:
+            app = web.Application()
+            app.router.add_post(self.path, self.handler)
+            self._runner = web.AppRunner(app, access_log=None)
+            await self._runner.setup()
+            await web.TCPSite(self._runner, "127.0.0.1", port, backlog=1024).start()
+            self.port = self._runner.addresses[0][1]
+            ready.set()
+
+        def main() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(serve())
+            self._loop.run_forever()
+            self._loop.run_until_complete(self._runner.cleanup())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=main, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self.port
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
 
 
 Behaviour = Callable[[str, int], "int | tuple[int, dict[str, str]]"]
@@ -113,34 +151,12 @@ class Receiver:
             return False
 
     def start(self) -> Receiver:
-        ready = threading.Event()
-        self._loop = asyncio.new_event_loop()
-
-        async def serve() -> None:
-            app = web.Application()
-            app.router.add_post("/hook", self._handle)
-            self._runner = web.AppRunner(app, access_log=None)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", self.port or 0, backlog=1024)
-            await site.start()
-            self.port = self._runner.addresses[0][1]
-            ready.set()
-
-        def main() -> None:
-            asyncio.set_event_loop(self._loop)
-            self._loop.run_until_complete(serve())
-            self._loop.run_forever()
-            self._loop.run_until_complete(self._runner.cleanup())
-            self._loop.close()
-
-        self._thread = threading.Thread(target=main, daemon=True)
-        self._thread.start()
-        ready.wait(10)
+        self._server = ThreadedServer("/hook", self._handle)
+        self.port = self._server.start(self.port)
         return self
 
     def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        self._server.stop()
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -289,33 +305,12 @@ class SmsProvider:
         return web.json_response({"id": f"msg-{len(self.received)}"}, status=self.status)
 
     def start(self) -> SmsProvider:
-        ready = threading.Event()
-        self._loop = asyncio.new_event_loop()
-
-        async def serve() -> None:
-            app = web.Application()
-            app.router.add_post("/sms", self._handle)
-            self._runner = web.AppRunner(app, access_log=None)
-            await self._runner.setup()
-            await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-            self.port = self._runner.addresses[0][1]
-            ready.set()
-
-        def main() -> None:
-            asyncio.set_event_loop(self._loop)
-            self._loop.run_until_complete(serve())
-            self._loop.run_forever()
-            self._loop.run_until_complete(self._runner.cleanup())
-            self._loop.close()
-
-        self._thread = threading.Thread(target=main, daemon=True)
-        self._thread.start()
-        ready.wait(10)
+        self._server = ThreadedServer("/sms", self._handle)
+        self.port = self._server.start()
         return self
 
     def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        self._server.stop()
 
     def to(self, number: str) -> list[dict[str, Any]]:
         return [m for m in self.received if m.get("to") == number]

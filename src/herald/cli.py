@@ -318,5 +318,146 @@ def dlq_replay(
     click.echo(f"replayed {len(replayed)}, skipped {len(skipped)}")
 
 
+# ------------------------------------------------------------------ drops
+
+
+@main.command()
+@click.argument("directory", required=False, envvar="HERALD_INGEST__DIR", type=click.Path(file_okay=False))
+@click.option("--once", is_flag=True, help="ingest the files waiting now, then exit")
+@handles_errors
+def watch(directory: str | None, once: bool) -> None:
+    """Watch DIRECTORY (env HERALD_INGEST__DIR, default <data>/drops) for files of user ids.
+
+    Each file becomes one webhook per line on the bulk lane; a sub-folder is a campaign with a
+    campaign.json. Processed files move to done/ (unreadable ones to failed/) next to a report.
+    """
+    from pathlib import Path
+
+    from herald.api.app import make_redis
+    from herald.ingest.watcher import Watcher
+    from herald.store.db import make_engine, make_sessionmaker
+
+    s = settings()
+    watcher = Watcher(
+        settings=s,
+        sessions=make_sessionmaker(make_engine(s.database_url)),
+        client=make_redis(s),
+        directory=Path(directory) if directory else None,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: watcher.stop())
+    signal.signal(signal.SIGINT, lambda *_: watcher.stop())
+    watcher.run(once=once)
+
+
+@main.group(invoke_without_command=True)
+@click.option("--tenant", default=None, help="tenant id or name (default: every tenant)")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True, help="newest drops shown")
+@click.option("--follow", "-f", is_flag=True, help="redraw every second until the drops shown are finished")
+@click.pass_context
+@handles_errors
+def drops(ctx: click.Context, tenant: str | None, limit: int, follow: bool) -> None:
+    """Drops from the watched folder with their delivery progress."""
+    import time
+
+    from herald.ingest.drops import DropState, list_drops
+    from herald.ingest.report import progress, progress_line
+    from herald.store import queries
+
+    if ctx.invoked_subcommand is not None:
+        return
+    factory = _sessions()
+    while True:
+        with factory() as session:
+            tenant_id = queries.get_tenant(session=session, ref=tenant).id if tenant else None
+            shown = list_drops(session=session, tenant_id=tenant_id, limit=limit, newest_first=True)
+            counts = progress(session=session, drop_ids=[d.id for d in shown])
+        lines = [f"{d.id}  {d.state:<10}  {progress_line(d, counts[d.id])}  {d.name}" for d in reversed(shown)] or [
+            "no drops yet"
+        ]
+        if follow and sys.stdout.isatty():
+            click.clear()
+        click.echo("\n".join(lines))
+        if not follow or all(d.state == DropState.finished for d in shown):
+            return
+        time.sleep(1.0)
+
+
+@drops.command("show")
+@click.argument("drop_id")
+@click.option("--json", "as_json", is_flag=True, help="the report as JSON")
+@handles_errors
+def drops_show(drop_id: str, as_json: bool) -> None:
+    """One drop: counts, progress, timings and its rejected lines."""
+    from herald.ingest.drops import get_drop
+    from herald.ingest.report import drop_report, progress, progress_line
+
+    with _sessions()() as session:
+        drop = get_drop(session=session, tenant_id=None, drop_id=drop_id)
+        counts = progress(session=session, drop_ids=[drop.id])[drop.id]
+    report = drop_report(drop, counts)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{drop.id}  {drop.name}  ({drop.state})")
+    click.echo(f"  tenant {drop.tenant_id}, endpoint {drop.endpoint_id}, event type {drop.event_type}")
+    click.echo(f"  {drop.lines:,} lines: {drop.accepted:,} accepted, {drop.rejected:,} rejected")
+    click.echo(f"  {progress_line(drop, counts)}")
+    for name, value in report["timings"].items():
+        if value is not None:
+            click.echo(f"  {name}: {value}")
+    for rejection in drop.rejections[:50]:
+        click.echo(f"  line {rejection['line']}: {rejection['reason']}")
+    if drop.rejected > min(50, len(drop.rejections)):
+        click.echo(f"  … {drop.rejected - min(50, len(drop.rejections)):,} more rejected lines (see --json)")
+
+
+@drops.command("dead-letters")
+@click.argument("drop_id")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+@handles_errors
+def drops_dead_letters(drop_id: str, limit: int, as_json: bool) -> None:
+    """The drop's dead deliveries with their last error."""
+    from herald.ingest.drops import get_drop
+    from herald.store import queries
+    from herald.store.models import DeliveryState
+
+    with _sessions()() as session:
+        drop = get_drop(session=session, tenant_id=None, drop_id=drop_id)
+        where = queries.DeliveryFilter(state=DeliveryState.dead, drop_id=drop.id)
+        rows = queries.list_deliveries(session=session, tenant_id=drop.tenant_id, where=where, cursor=None, limit=limit)
+        for d in rows:
+            if as_json:
+                click.echo(json.dumps({"id": d.id, "user_id": d.subject, "attempts": d.attempts,
+                                       "last_error": d.last_error}))  # fmt: skip
+            else:
+                click.echo(f"{d.id}\t{d.subject}\t{d.attempts}\t{d.last_error or ''}")
+
+
+@drops.command("replay")
+@click.argument("drop_id")
+@click.option("--id", "ids", multiple=True, help="only this delivery of the drop (repeatable)")
+@click.option("--force", is_flag=True, help="also re-send deliveries that are no longer dead")
+@handles_errors
+def drops_replay(drop_id: str, ids: tuple[str, ...], force: bool) -> None:
+    """Re-send the drop's dead deliveries with their ids unchanged."""
+    from herald import keys
+    from herald.api.app import make_redis
+    from herald.ingest.drops import get_drop, replay_drop
+    from herald.store.db import transaction
+    from herald.store.models import utcnow
+
+    s = settings()
+    with transaction(_sessions()) as session:
+        drop = get_drop(session=session, tenant_id=None, drop_id=drop_id)
+        replayed, skipped = replay_drop(session=session, drop=drop, ids=list(ids) or None, force=force, now=utcnow())
+    if replayed:
+        try:
+            make_redis(s).rpush(keys.wake(s.redis.key_prefix), 1)
+        except Exception:
+            logger.warning("could not wake the dispatcher; it will find the work on its next tick")
+    click.echo(f"replayed {len(replayed)}, skipped {len(skipped)}")
+
+
 if __name__ == "__main__":
     main()

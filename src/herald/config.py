@@ -7,6 +7,7 @@ environment at import time. Tests build ``Settings(...)`` directly.
 from __future__ import annotations
 
 import ipaddress
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -157,6 +158,32 @@ class WorkerSettings(BaseModel):
     max_tasks_per_child: int = Field(default=0, ge=0)
 
 
+class IngestSettings(BaseModel):
+    """The watched drop folder (``herald watch``): where, how fast, and the target of top-level files.
+
+    Files in a sub-folder use that folder's ``campaign.json``; files at the top level use
+    ``tenant``, ``endpoint_id``, ``event_type`` and ``lane`` from here.
+    """
+
+    dir: Path | None = None
+    chunk_size: int = Field(default=5000, ge=1, le=100_000)
+    chunk_pause_s: float = Field(default=0.0, ge=0)
+    rescan_s: float = Field(default=5.0, gt=0)
+    report_every_s: float = Field(default=30.0, gt=0)
+    max_rejections: int = Field(default=1000, ge=0)
+    tenant: str = ""
+    endpoint_id: str = ""
+    event_type: str = "drop.user"
+    lane: Literal["transactional", "bulk"] = "bulk"
+
+    @field_validator("event_type")
+    @classmethod
+    def _event_type(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,199}", value):
+            raise ValueError(f"HERALD_INGEST__EVENT_TYPE: not an event type, got {value!r}")
+        return value
+
+
 class Settings(BaseSettings):
     """All of Herald's configuration."""
 
@@ -174,6 +201,7 @@ class Settings(BaseSettings):
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     sms: SmsSettings = Field(default_factory=SmsSettings)
     otp: OtpSettings = Field(default_factory=OtpSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     link_secret: SecretStr = SecretStr("")
     critical_categories: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["otp", "security"])

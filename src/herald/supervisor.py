@@ -94,6 +94,7 @@ class Supervisor:
             Child("dispatcher", herald_argv("scheduler")),
             *(Child(f"worker-{lane}", herald_argv("worker", "--lanes", lane)) for lane in LANES),
             Child("beat", herald_argv("beat")),
+            Child("watcher", herald_argv("watch")),
         ]
 
     def run(self) -> int:

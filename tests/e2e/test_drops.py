@@ -158,4 +158,5 @@ def test_kill_9_during_ingestion_resumes_without_losing_or_doubling_a_line(
         subjects = session.scalar(select(func.count(distinct(Delivery.subject))))
         events = session.scalar(select(func.count()).select_from(Event))
     assert deliveries == subjects == events == total
-    assert (drops / "done" / "big.txt").exists() and not path.exists()
+    wait_until((drops / "done" / "big.txt").exists, timeout_s=10, what="the file to move to done/")
+    assert not path.exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,13 +24,6 @@ def database_url(tmp_path: Path) -> str:
 
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
-
-
-@pytest.fixture
-def mail() -> Iterator[MailSink]:
-    sink = MailSink().start()
-    yield sink
-    sink.stop()
 
 
 @pytest.fixture

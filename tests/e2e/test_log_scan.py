@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,20 +27,6 @@ def database_url(tmp_path: Path) -> str:
 EXAMPLES = Path(__file__).parents[2] / "examples"
 EMAIL = "seeded.person+desk@complaints-example.org"
 PHONE = "+4917612345678"
-
-
-@pytest.fixture
-def mail() -> Iterator[MailSink]:
-    sink = MailSink().start()
-    yield sink
-    sink.stop()
-
-
-@pytest.fixture
-def sms_provider() -> Iterator[SmsProvider]:
-    provider = SmsProvider().start()
-    yield provider
-    provider.stop()
 
 
 @pytest.fixture

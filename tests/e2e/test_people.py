@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,20 +27,6 @@ def database_url(tmp_path: Path) -> str:
 
 EMAIL = "dana.customer@example.com"
 PHONE = "+4915123456789"
-
-
-@pytest.fixture
-def mail() -> Iterator[MailSink]:
-    sink = MailSink().start()
-    yield sink
-    sink.stop()
-
-
-@pytest.fixture
-def sms_provider() -> Iterator[SmsProvider]:
-    provider = SmsProvider().start()
-    yield provider
-    provider.stop()
 
 
 @pytest.fixture

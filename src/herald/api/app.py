@@ -16,6 +16,7 @@ from herald.api import problems
 from herald.api.limits import BodyLimit
 from herald.api.routes import (
     deliveries,
+    drops,
     endpoints,
     events,
     ops,
@@ -90,6 +91,7 @@ def create_app(settings: Settings) -> FastAPI:
     problems.install(app)
     for module in (endpoints, events, deliveries, recipients, templates, otp, subjects, schedules, recurring, ops):
         app.include_router(module.router)
+    app.include_router(drops.router)
     app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
     return app
 

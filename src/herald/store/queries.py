@@ -211,6 +211,7 @@ class DeliveryFilter:
     event_type: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
+    drop_id: str | None = None
 
     def apply(self, query: Any) -> Any:
         if self.state:
@@ -225,6 +226,8 @@ class DeliveryFilter:
             query = query.where(Delivery.created_at >= self.created_after)
         if self.created_before:
             query = query.where(Delivery.created_at < self.created_before)
+        if self.drop_id:
+            query = query.where(Delivery.drop_id == self.drop_id)
         return query
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from typing import Annotated
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import APIRouter, Path, Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, field_validator
 
 from herald.api.deps import SessionDep, TenantDep
+from herald.api.schemas import TimeZone
 from herald.store import recipients as store
 from herald.store.models import Channel, Recipient, utcnow
 
@@ -43,20 +43,9 @@ class RecipientIn(BaseModel):
         default=None, description="E.164, e.g. +4915123456789"
     )
     locale: Annotated[str, StringConstraints(pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}$")] | None = None
-    timezone: Annotated[str, StringConstraints(max_length=64)] | None = None
-    preferences: dict[Category, dict[Channel, bool]] = Field(default_factory=dict, max_length=100)
+    timezone: TimeZone | None = None
+    preferences: dict[Category, dict[Channel, StrictBool]] = Field(default_factory=dict, max_length=100)
     quiet_hours: QuietHours | None = None
-
-    @field_validator("timezone")
-    @classmethod
-    def _zone(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown IANA time zone, got {value!r}") from None
-        return value
 
 
 class RecipientOut(BaseModel):

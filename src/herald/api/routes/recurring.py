@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Path, Response
 from pydantic import BaseModel, ConfigDict, StringConstraints, field_validator
 from sqlalchemy import select
 
 from herald.api.deps import SessionDep, TenantDep
-from herald.api.schemas import EventIn
+from herald.api.schemas import EventIn, TimeZone
 from herald.errors import NotFoundError, ValidationError
 from herald.scheduler.times import next_fire, validate_cron
 from herald.store.ids import new_id
@@ -37,17 +37,8 @@ class RecurringIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
     cron: Annotated[str, StringConstraints(min_length=1, max_length=120)]
-    timezone: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "UTC"
+    timezone: TimeZone = "UTC"
     event: RecurringEvent
-
-    @field_validator("timezone")
-    @classmethod
-    def _zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown IANA time zone, got {value!r}") from None
-        return value
 
 
 class RecurringOut(BaseModel):

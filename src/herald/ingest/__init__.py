@@ -1,0 +1,1 @@
+"""The watched drop folder: files of user ids become webhook deliveries (``herald watch``)."""

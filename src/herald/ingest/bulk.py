@@ -1,0 +1,112 @@
+"""Inserting many rows fast, inside the caller's transaction: COPY on PostgreSQL, one
+``executemany`` of ready tuples on SQLite.
+
+A drop writes two rows per line. SQLAlchemy's ``insert(...)`` with a list of dicts spends more
+time building parameters than the database spends storing them, and psycopg runs an executemany
+as one statement per row; measured on the 2-core machine, 50,000 lines took 4.7 s on SQLite and
+11 s on PostgreSQL that way. Values here still go through each column's own bind processor
+(aware datetimes, JSON) on SQLite, and are written as the same text for COPY on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import JSON, Connection, Table
+
+from herald.store.models import Base
+
+
+def insert_rows(
+    connection: Connection, model: type[Base], columns: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> None:
+    """Insert ``rows`` (values in the order of ``columns``) into ``model``'s table."""
+    if not rows:
+        return
+    table = cast(Table, model.__table__)
+    names = ", ".join(columns)
+    if connection.dialect.name == "postgresql":
+        text = _copy_text(table, columns, rows)
+        cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        with cursor, cursor.copy(f"COPY {table.name} ({names}) FROM STDIN") as copy:
+            copy.write(text)
+        return
+    marks = ", ".join("?" * len(columns))
+    connection.exec_driver_sql(
+        f"INSERT INTO {table.name} ({names}) VALUES ({marks})", _bound(connection, table, columns, rows)
+    )
+
+
+def _bound(
+    connection: Connection, table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> list[tuple[Any, ...]]:
+    """Rows with each value through its column's bind processor (aware datetime -> SQLite text, dict -> JSON)."""
+    dialect = connection.dialect
+    processors: list[Callable[[Any], Any] | None] = [
+        table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in columns
+    ]
+    convert = [(i, p) for i, p in enumerate(processors) if p is not None]
+    last: dict[int, tuple[Any, Any]] = {}
+    ready: list[tuple[Any, ...]] = []
+    for row in rows:
+        values = list(row)
+        for i, process in convert:
+            value = values[i]
+            if value is None:
+                continue
+            seen = last.get(i)
+            if seen is not None and seen[0] is value:  # one timestamp shared by a whole chunk
+                values[i] = seen[1]
+            else:
+                values[i] = process(value)
+                last[i] = (value, values[i])
+        ready.append(tuple(values))
+    return ready
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
+
+
+def _escaped(value: str) -> str:
+    # translate() with a mapping is slow; most values (ids, states) need no escaping at all.
+    return value.translate(_COPY_ESCAPES) if _COPY_SPECIAL.search(value) else value
+
+
+def _copy_text(table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """``rows`` in COPY's text format: tab-separated, ``\\N`` for NULL, backslash escapes.
+
+    Building the text ourselves is about 3x cheaper than psycopg's ``write_row`` per row.
+    """
+    is_json = [isinstance(table.c[name].type, JSON) for name in columns]
+    last: list[tuple[Any, str] | None] = [None] * len(columns)
+    lines: list[str] = []
+    for row in rows:
+        fields: list[str] = []
+        for i, value in enumerate(row):
+            if value is None:
+                fields.append("\\N")
+            elif is_json[i]:
+                fields.append(_escaped(json.dumps(value)))
+            elif isinstance(value, str):
+                fields.append(_escaped(value))
+            elif isinstance(value, bool):
+                fields.append("t" if value else "f")
+            elif isinstance(value, int | float):
+                fields.append(str(value))
+            elif isinstance(value, datetime):
+                seen = last[i]
+                if seen is None or seen[0] is not value:  # one timestamp shared by a whole chunk
+                    if value.tzinfo is None:
+                        raise ValueError(f"{columns[i]}: naive datetime stored: {value!r}")
+                    seen = last[i] = (value, value.astimezone(UTC).isoformat())
+                fields.append(seen[1])
+            else:
+                raise TypeError(f"{columns[i]}: cannot COPY a {type(value).__name__}")
+        lines.append("\t".join(fields))
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""Recipients, recurring sends, schedules and OTP over the API: behaviour and every bad input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from herald.store.models import Delivery
+from tests.support import assert_problem, row_counts
+
+
+def put(client: TestClient, auth: dict[str, str], ref: str, body: dict[str, Any]) -> Any:
+    return client.put(f"/v1/recipients/{ref}", json=body, headers=auth)
+
+
+def test_recipient_lifecycle(client: TestClient, auth: dict[str, str], sessions: sessionmaker[Session]) -> None:
+    body = {"email": "ana@example.com", "phone": "+351912345678", "locale": "pt-BR", "timezone": "America/Sao_Paulo",
+            "preferences": {"ticket": {"sms": False}}, "quiet_hours": {"start": "22:00", "end": "07:00"}}  # fmt: skip
+    created = put(client, auth, "cust-1", body)
+    assert created.status_code == 201 and created.json()["phone"] == "+351912345678"
+    replaced = put(client, auth, "cust-1", {**body, "locale": "pt"})
+    assert replaced.status_code == 200 and replaced.json()["locale"] == "pt"
+    assert client.get("/v1/recipients/cust-1", headers=auth).json()["preferences"] == {"ticket": {"sms": False}}
+    client.put("/v1/templates/visit.reminder/email/default", json={"subject": "S", "text": "T"}, headers=auth)
+    pending = client.post(
+        "/v1/events", json={"type": "visit.reminder", "recipients": ["cust-1"], "send_at": "2099-01-01T00:00:00Z"},
+        headers=auth,
+    ).json()  # fmt: skip
+    assert client.delete("/v1/recipients/cust-1", headers=auth).status_code == 204
+    assert_problem(client.get("/v1/recipients/cust-1", headers=auth), 404, "not_found", "external_id")
+    with sessions() as session:
+        row = session.scalar(select(Delivery).where(Delivery.id == pending["deliveries"][0]["id"]))
+    assert row is not None and row.state == "canceled" and row.address is None and row.content is None
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"email": "not-an-email"}, "email"),
+        ({"phone": "0151 2345"}, "phone"),
+        ({"phone": "+0123456789"}, "phone"),
+        ({"timezone": "Mars/Olympus"}, "timezone"),
+        ({"timezone": "../../etc/passwd"}, "timezone"),
+        ({"locale": "english please"}, "locale"),
+        ({"quiet_hours": {"start": "25:00", "end": "07:00"}}, "quiet_hours.start"),
+        ({"quiet_hours": {"start": "22:00"}}, "quiet_hours.end"),
+        ({"preferences": {"ticket": {"pigeon": True}}}, "preferences.ticket.pigeon.[key]"),
+        ({"preferences": {"ticket": {"sms": "no"}}}, "preferences.ticket.sms"),
+        ({"nickname": "x"}, "nickname"),
+    ],
+)
+def test_bad_recipients_are_refused_and_write_nothing(
+    client: TestClient, auth: dict[str, str], sessions: sessionmaker[Session], body: dict[str, Any], field: str
+) -> None:
+    before = row_counts(sessions)
+    assert_problem(put(client, auth, "cust-2", body), 422, "validation_error", field)
+    assert row_counts(sessions) == before
+
+
+def test_bad_external_ids_and_cross_tenant(
+    client: TestClient, auth: dict[str, str], sessions: sessionmaker[Session]
+) -> None:
+    assert_problem(put(client, auth, "bad id", {}), 422, "validation_error", "external_id")
+    put(client, auth, "cust-3", {"email": "c3@example.com"})
+    from herald.store import queries
+    from herald.store.db import transaction
+
+    with transaction(sessions) as session:
+        other = queries.create_tenant(session=session, name="other")
+        _, raw = queries.create_api_key(session=session, tenant_id=other.id)
+    theirs = {"Authorization": f"Bearer {raw}"}
+    assert_problem(client.get("/v1/recipients/cust-3", headers=theirs), 404, "not_found", "external_id")
+    refused = client.post("/v1/events", json={"type": "a.b", "recipients": ["cust-3"]}, headers=theirs)
+    assert_problem(refused, 422, "validation_error", "recipients.0")
+
+
+def test_events_to_people_need_templates_and_channels_with_templates(
+    client: TestClient, auth: dict[str, str], sessions: sessionmaker[Session]
+) -> None:
+    put(client, auth, "cust-4", {"email": "c4@example.com"})
+    before = row_counts(sessions)
+    no_template = client.post("/v1/events", json={"type": "a.b", "recipients": ["cust-4"]}, headers=auth)
+    assert_problem(no_template, 422, "validation_error", "recipients")
+    client.put("/v1/templates/a.b/email/default", json={"subject": "S", "text": "{{ data.x }}"}, headers=auth)
+    before = row_counts(sessions)
+    no_sms = client.post(
+        "/v1/events", json={"type": "a.b", "recipients": ["cust-4"], "channels": ["sms"]}, headers=auth
+    )
+    assert_problem(no_sms, 422, "validation_error", "channels.0")
+    missing = client.post("/v1/events", json={"type": "a.b", "recipients": ["cust-4"]}, headers=auth)
+    assert_problem(missing, 422, "validation_error", "data")  # the template needs data.x
+    both = client.post(
+        "/v1/events", json={"type": "a.b", "send_at": "2099-01-01T00:00:00Z",
+                            "send_relative": {"field": "x"}}, headers=auth,
+    )  # fmt: skip
+    assert_problem(both, 422, "validation_error", None)
+    assert row_counts(sessions) == before
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": "n", "cron": "every day", "event": {"type": "a.b", "endpoint_ids": ["ep_1"]}}, "cron"),
+        ({"name": "n", "cron": "0 9 * * *", "timezone": "Nowhere/City", "event": {"type": "a.b"}}, "timezone"),
+        ({"name": "n", "cron": "0 9 * * *", "event": {"type": "a.b"}}, "event"),
+        ({"name": "n", "cron": "0 9 * * *", "event": {"type": "a.b", "idempotency_key": "k"}}, "event.idempotency_key"),
+        ({"cron": "0 9 * * *", "event": {"type": "a.b"}}, "name"),
+    ],
+)
+def test_bad_recurring_sends_are_refused(
+    client: TestClient, auth: dict[str, str], sessions: sessionmaker[Session], body: dict[str, Any], field: str
+) -> None:
+    before = row_counts(sessions)
+    assert_problem(client.post("/v1/recurring", json=body, headers=auth), 422, "validation_error", field)
+    assert row_counts(sessions) == before
+
+
+def test_recurring_lifecycle(client: TestClient, auth: dict[str, str]) -> None:
+    endpoint = client.post("/v1/endpoints", json={"url": "http://127.0.0.1:9/hook"}, headers=auth).json()
+    created = client.post(
+        "/v1/recurring",
+        json={"name": "daily", "cron": "0 9 * * *", "timezone": "Europe/Berlin",
+              "event": {"type": "report.daily", "endpoint_ids": [endpoint["id"]]}},
+        headers=auth,
+    )  # fmt: skip
+    assert created.status_code == 201, created.text
+    next_fire = created.json()["next_fire_at"]
+    assert next_fire.endswith(("07:00:00Z", "08:00:00Z"))  # 09:00 in Berlin, winter or summer
+    assert [r["id"] for r in client.get("/v1/recurring", headers=auth).json()] == [created.json()["id"]]
+    assert client.delete(f"/v1/recurring/{created.json()['id']}", headers=auth).status_code == 204
+    assert_problem(client.get(f"/v1/recurring/{created.json()['id']}", headers=auth), 404, "not_found", "recurring_id")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "code", "field"),
+    [
+        ("/v1/otp", {"recipient": "nobody", "channel": "sms"}, 404, "not_found", "external_id"),
+        ("/v1/otp", {"recipient": "cust-5", "channel": "pigeon"}, 422, "validation_error", "channel"),
+        ("/v1/otp", {"recipient": "cust-5", "channel": "sms", "purpose": "Log In"}, 422, "validation_error", "purpose"),
+        ("/v1/otp", {"recipient": "cust-5", "channel": "sms", "code": "123456"}, 422, "validation_error", "code"),
+        ("/v1/otp/verify", {"recipient": "cust-5", "code": "12ab56"}, 422, "validation_error", "code"),
+        ("/v1/otp/verify", {"recipient": "cust-5", "code": "123456"}, 422, "otp_invalid", "code"),
+    ],
+)
+def test_bad_otp_requests(
+    client: TestClient,
+    auth: dict[str, str],
+    sessions: sessionmaker[Session],
+    path: str,
+    body: dict[str, Any],
+    status: int,
+    code: str,
+    field: str,
+) -> None:
+    put(client, auth, "cust-5", {"phone": "+4915123456789"})
+    before = row_counts(sessions)
+    assert_problem(client.post(path, json=body, headers=auth), status, code, field)
+    assert row_counts(sessions) == before
+
+
+def test_schedule_key_paths_are_validated(client: TestClient, auth: dict[str, str]) -> None:
+    assert_problem(
+        client.get("/v1/schedules", params={"prefix": "a b"}, headers=auth), 422, "validation_error", "prefix"
+    )
+    assert_problem(client.delete("/v1/schedules/unknown", headers=auth), 404, "not_found", "key")
