@@ -103,6 +103,7 @@ def accept_events(
     answers: list[dict[str, Any] | None] = []
     plans: list[_Plan | None] = []
     endpoints_by_id: dict[str, Endpoint] = {}
+    per_type: dict[str, tuple[list[Endpoint], dict[tuple[str, str], Template]]] = {}
     seen_keys: dict[str, str] = {}
     for index, event in enumerate(events):
         where = f"{field_prefix}{index}." if field_prefix else ""
@@ -127,7 +128,7 @@ def accept_events(
                 plans.append(None)
                 continue
         answers.append(None)
-        plans.append(_plan(session, tenant, event, where, endpoints_by_id))
+        plans.append(_plan(session, tenant, event, where, endpoints_by_id, per_type))
 
     event_rows: list[dict[str, Any]] = []
     delivery_rows: list[dict[str, Any]] = []
@@ -191,7 +192,14 @@ def accept_events(
     return [a for a in answers if a is not None]
 
 
-def _plan(session: Session, tenant: Tenant, event: NewEvent, where: str, endpoints_by_id: dict[str, Endpoint]) -> _Plan:
+def _plan(
+    session: Session,
+    tenant: Tenant,
+    event: NewEvent,
+    where: str,
+    endpoints_by_id: dict[str, Endpoint],
+    per_type: dict[str, tuple[list[Endpoint], dict[tuple[str, str], Template]]],
+) -> _Plan:
     for position, endpoint_id in enumerate(event.endpoint_ids or []):
         if endpoint_id not in endpoints_by_id:
             try:
@@ -203,15 +211,23 @@ def _plan(session: Session, tenant: Tenant, event: NewEvent, where: str, endpoin
                     f"{where}endpoint_ids.{position}: no such endpoint, got {endpoint_id!r}",
                     field=f"{where}endpoint_ids.{position}",
                 ) from None
+    if event.type not in per_type:  # one look-up per event type, not per event, in a batch
+        rows = session.scalars(
+            select(Template).where(Template.tenant_id == tenant.id, Template.event_type == event.type)
+        ).all()
+        per_type[event.type] = (
+            queries.matching_endpoints(session=session, tenant_id=tenant.id, event_type=event.type),
+            {(t.channel, t.locale): t for t in rows},
+        )
+    matching, templates = per_type[event.type]
     if event.endpoint_ids is not None:
         targets = [endpoints_by_id[i] for i in dict.fromkeys(event.endpoint_ids)]
     elif event.recipients:
         targets = []  # an event for people goes to them, and to endpoints only when named
     else:
-        targets = queries.matching_endpoints(session=session, tenant_id=tenant.id, event_type=event.type)
+        targets = matching
 
     people: list[Recipient] = []
-    templates: dict[tuple[str, str], Template] = {}
     channels: list[str] = []
     if event.recipients:
         found = recipients_by_external_id(session=session, tenant_id=tenant.id, external_ids=event.recipients)
@@ -222,10 +238,6 @@ def _plan(session: Session, tenant: Tenant, event: NewEvent, where: str, endpoin
                     field=f"{where}recipients.{position}",
                 )
         people = [found[e] for e in dict.fromkeys(event.recipients)]
-    rows = session.scalars(
-        select(Template).where(Template.tenant_id == tenant.id, Template.event_type == event.type)
-    ).all()
-    templates = {(t.channel, t.locale): t for t in rows}
     if people:
         available = [c for c in PERSON_CHANNELS if any(ch == c for ch, _ in templates)]
         wanted = event.channels or available

@@ -45,8 +45,14 @@ def new_event(event: EventIn) -> NewEvent:
     )
 
 
-def _accepted(request: Request, answer: dict[str, Any]) -> EventAccepted:
-    return EventAccepted(**answer, status_url=str(request.url_for("read_event", event_id=answer["id"])))
+def _accepted(request: Request, answer: dict[str, Any], base: str | None = None) -> EventAccepted:
+    base = base or _status_base(request)
+    return EventAccepted(**answer, status_url=base + answer["id"])
+
+
+def _status_base(request: Request) -> str:
+    """The status URL of an event, less its id (built once per request: url_for is not cheap)."""
+    return str(request.url_for("read_event", event_id="_")).removesuffix("_")
 
 
 def _accept(request: Request, session: SessionDep, tenant: Tenant, events: list[EventIn], prefix: str) -> list[Any]:
@@ -80,7 +86,8 @@ def create_event(body: EventIn, request: Request, session: SessionDep, tenant: T
 def create_events(body: BatchIn, request: Request, session: SessionDep, tenant: TenantDep) -> BatchAccepted:
     """Accept up to 1,000 events in one transaction: all or none."""
     answers = _accept(request, session, tenant, body.events, "events.")
-    return BatchAccepted(events=[_accepted(request, a) for a in answers])
+    base = _status_base(request)
+    return BatchAccepted(events=[_accepted(request, a, base) for a in answers])
 
 
 @router.get("/{event_id}", response_model=EventOut)
