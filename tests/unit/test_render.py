@@ -345,13 +345,16 @@ def test_a_template_missing_a_part_its_channel_needs_cannot_render() -> None:
 
 
 def test_legitimate_templates_fit_the_budget() -> None:
+    """A large receipt stays inside the step and size budgets. The wall-clock cap is lifted here:
+    it depends on how busy the machine is, and timing belongs in bench/, not in unit tests."""
     rows = [{"sku": f"SKU-{i}", "qty": i % 7, "price": i * 101} for i in range(2000)]
     source = (
         "{% macro money(cents) %}{{ '%.2f' | format(cents / 100) }}{% endmacro %}"
         "{% for row in data.rows %}{{ loop.index }}. {{ row.sku | upper }} x{{ row.qty }} {{ money(row.price) }}\n"
         "{% endfor %}Total: {{ money(data.rows | sum(attribute='price')) }}"
     )
-    out = render(part="text", source=source, context={"data": {"rows": rows}})
+    limits = RenderLimits(time_ms=60_000)
+    out = render(part="text", source=source, context={"data": {"rows": rows}}, limits=limits)
     assert out.endswith(f"Total: {sum(r['price'] for r in rows) / 100:.2f}")
     assert out.count("\n") == 2000
 
