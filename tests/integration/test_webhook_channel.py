@@ -352,7 +352,7 @@ def test_a_hanging_receiver_times_out() -> None:
     assert isinstance(error, TransientChannelError)
     assert error.message == "timeout after 0.5s"
     assert error.status_code is None
-    assert 0.4 < elapsed_s < 1.5
+    assert 0.4 < elapsed_s < 10  # stopped by the 0.5 s timeout, not by the receiver (which never answers)
 
 
 def test_a_2xx_whose_body_stalls_still_counts_as_sent() -> None:
@@ -372,7 +372,7 @@ def test_a_2xx_whose_body_stalls_still_counts_as_sent() -> None:
     sent, elapsed_s = run(scenario())
 
     assert sent == Sent(status_code=200)
-    assert elapsed_s < 1.5
+    assert elapsed_s < 10  # the stalled body would have kept it forever
 
 
 @pytest.mark.parametrize("status", [200, 500])
@@ -404,7 +404,7 @@ def test_a_huge_response_body_is_not_read(status: int) -> None:
 
     outcome, elapsed_s = run(scenario())
 
-    assert elapsed_s < 2.0
+    assert elapsed_s < 10
     assert written < total // 2  # back-pressure stopped the sender long before 50 MB
     if status == 200:
         assert outcome == Sent(status_code=200)
