@@ -11,7 +11,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -417,6 +417,3 @@ def cancel(session: Session, ids: Sequence[str], now: datetime, *, reason: str) 
             .values(state=DeliveryState.canceled, due_at=None, finished_at=now, updated_at=now, last_error=reason)
             .execution_options(synchronize_session=False)
         )
-
-
-__all__ = ["UTC", "IntakePolicy", "NewEvent", "accept_events", "cancel"]

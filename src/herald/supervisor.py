@@ -152,24 +152,22 @@ class Supervisor:
                 child.start(env)
 
     def _shutdown(self) -> None:
-        running = [c for c in self.children if c.alive()]
-        for child in running:
-            assert child.process is not None
-            child.process.send_signal(signal.SIGTERM)
+        running = [(c.name, c.process) for c in self.children if c.process is not None and c.process.poll() is None]
+        for _, process in running:
+            process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 15
-        for child in running:
-            assert child.process is not None
+        for name, process in running:
             try:
-                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                logger.warning("%s did not stop in time; killing it", child.name)
-                child.process.kill()
-                child.process.wait()
-        if self.redis_child is not None and self.redis_child.alive():
-            assert self.redis_child.process is not None
-            self.redis_child.process.send_signal(signal.SIGTERM)  # Redis flushes its AOF on SIGTERM
+                logger.warning("%s did not stop in time; killing it", name)
+                process.kill()
+                process.wait()
+        redis_process = self.redis_child.process if self.redis_child is not None else None
+        if redis_process is not None and redis_process.poll() is None:
+            redis_process.send_signal(signal.SIGTERM)  # Redis flushes its AOF on SIGTERM
             try:
-                self.redis_child.process.wait(timeout=10)
+                redis_process.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self.redis_child.process.kill()
+                redis_process.kill()
         logger.info("Herald stopped")

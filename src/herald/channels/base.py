@@ -4,7 +4,8 @@ answered or raises ``TransientChannelError`` (retry) / ``PermanentChannelError``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
 
 @dataclass(frozen=True)
@@ -51,3 +52,22 @@ class Channel(Protocol):
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class ChannelLifecycle:
+    """``async with channel:`` starts it and closes it, for every channel."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

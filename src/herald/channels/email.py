@@ -37,13 +37,12 @@ from dataclasses import dataclass
 from email.message import EmailMessage as MimeMessage
 from email.policy import EmailPolicy
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import aiosmtplib
 from aiosmtplib.protocol import SMTPProtocol
 
-from herald.channels.base import EmailMessage, Sent
+from herald.channels.base import ChannelLifecycle, EmailMessage, Sent
 from herald.config import SmtpSettings
 from herald.errors import ChannelError, ConfigError, PermanentChannelError, TransientChannelError
 from herald.logs import redact
@@ -165,7 +164,7 @@ class _Client(aiosmtplib.SMTP):
         super()._on_connection_lost(protocol)
 
 
-class EmailChannel:
+class EmailChannel(ChannelLifecycle):
     """Delivers ``EmailMessage``s over SMTP, or into ``outbox_dir`` when ``settings.host`` is empty.
 
     ``start()`` in the event loop that will send and ``close()`` before that loop ends (or use
@@ -224,15 +223,6 @@ class EmailChannel:
         idle, self._idle = self._idle, []
         await asyncio.gather(*(_quit(entry.client) for entry in idle))
         await self._connections.wait_gone(QUIT_TIMEOUT_S)
-
-    async def __aenter__(self) -> EmailChannel:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def send(self, message: EmailMessage) -> Sent:
         """Send one message; return ``Sent`` once the server accepted it, else raise a ``ChannelError``.

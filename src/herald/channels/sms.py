@@ -28,14 +28,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
 import yarl
 
-from herald.channels.base import Sent, SmsMessage
+from herald.channels.base import ChannelLifecycle, Sent, SmsMessage
 from herald.channels.email import outbox_path, write_atomic
 from herald.channels.webhook import parse_retry_after
 from herald.config import SmsProviderSettings, SmsSettings
@@ -294,7 +293,7 @@ class _Route:
     provider: SmsProvider | None = None
 
 
-class SmsChannel:
+class SmsChannel(ChannelLifecycle):
     """Delivers ``SmsMessage``s through the primary provider, failing over to the secondary.
 
     ``start()`` in the event loop that will send and ``close()`` before that loop ends (or use
@@ -363,15 +362,6 @@ class SmsChannel:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    async def __aenter__(self) -> SmsChannel:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def send(self, message: SmsMessage) -> Sent:
         """Send one SMS; return ``Sent`` naming the provider used, else raise a ``ChannelError``.

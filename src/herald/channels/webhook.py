@@ -19,13 +19,12 @@ import re
 import time
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from types import TracebackType
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
 
 from herald.channels import signing
-from herald.channels.base import Sent, WebhookMessage
+from herald.channels.base import ChannelLifecycle, Sent, WebhookMessage
 from herald.channels.ssrf import BlockedAddressError, GuardedResolver, check_url, parse_allow
 from herald.config import WebhookSettings
 from herald.errors import (
@@ -51,7 +50,7 @@ _SNIPPET_CHARS = ERROR_CHARS * 5
 _DELIMITERS = " \"',;<>{}[]"  # whitespace is already collapsed to single spaces
 
 
-class WebhookChannel:
+class WebhookChannel(ChannelLifecycle):
     """Delivers ``WebhookMessage``s; one instance, and so one connection pool, per worker process.
 
     ``start()`` in the event loop that will send and ``close()`` before that loop ends (or use
@@ -97,15 +96,6 @@ class WebhookChannel:
             # A connector given a resolver leaves closing it to the caller.
             await self._resolver.close()
             self._resolver = None
-
-    async def __aenter__(self) -> WebhookChannel:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def send(self, message: WebhookMessage) -> Sent:
         """POST one signed message; return ``Sent`` for a 2xx, else raise a ``ChannelError``.
