@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,6 +27,13 @@ from herald.store import queries
 from herald.store.db import make_engine, make_sessionmaker, transaction
 from herald.store.migrate import upgrade
 from tests.support import MailSink, Processes, Receiver, SmsProvider, free_port, sqlite_database, wait_until
+
+# Examples are judged on what they find, not on how fast a loaded 2-core machine draws them:
+# wall-clock health checks and deadlines only turn the neighbours' load into flaky failures.
+hypothesis_settings.register_profile(
+    "herald", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+hypothesis_settings.load_profile("herald")
 
 PG_ENV = "HERALD_TEST_POSTGRES_URL"
 PG_SKIP = f"PostgreSQL tests need {PG_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/postgres); .ci/run sets it"
