@@ -54,7 +54,11 @@ class Up:
     def children(self) -> dict[int, str]:
         """pid → command line of every process in the supervisor's tree."""
         assert self.proc is not None
-        out = subprocess.run(["ps", "-o", "pid=,args=", "-g", str(self.proc.pid)], capture_output=True, text=True)
+        # -ww: never cut command lines to the terminal width (CI sets COLUMNS=80, which hid the
+        # "worker --lanes transactional" at the end of a long interpreter path).
+        out = subprocess.run(
+            ["ps", "-ww", "-o", "pid=,args=", "-g", str(self.proc.pid)], capture_output=True, text=True
+        )
         rows = [line.strip().split(" ", 1) for line in out.stdout.splitlines() if line.strip()]
         return {int(pid): args for pid, args in rows}
 
