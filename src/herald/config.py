@@ -58,6 +58,29 @@ class DispatchSettings(BaseModel):
     visibility_timeout_s: float = Field(default=0.0, ge=0)
     reconcile_every_s: float = Field(default=5.0, gt=0)
 
+    @model_validator(mode="after")
+    def _visibility_outlasts_lease(self) -> DispatchSettings:
+        """Redis must not redeliver an unacknowledged message before the reconciler could act.
+
+        The reconciler returns a delivery to due at the latest ``reconcile_every_s`` after its
+        lease ran out; a shorter Redis ``visibility_timeout`` would redeliver every slow batch
+        while its rows are still leased (duplicates the lease exists to prevent).
+        """
+        floor = self.lease_s + self.reconcile_every_s
+        if self.visibility_timeout_s and self.visibility_timeout_s <= floor:
+            raise ValueError(
+                f"HERALD_DISPATCH__VISIBILITY_TIMEOUT_S: must exceed HERALD_DISPATCH__LEASE_S + "
+                f"HERALD_DISPATCH__RECONCILE_EVERY_S ({floor:g}), got {self.visibility_timeout_s:g}"
+            )
+        if not self.visibility_timeout_s and self.reconcile_every_s >= self.lease_s + 60:
+            # The derived timeout is 2 x lease + 60 s (worker/celery_app.py::make_celery).
+            raise ValueError(
+                f"HERALD_DISPATCH__RECONCILE_EVERY_S: must be under HERALD_DISPATCH__LEASE_S + 60 "
+                f"({self.lease_s + 60:g}) while the visibility timeout is derived from the lease, "
+                f"got {self.reconcile_every_s:g}"
+            )
+        return self
+
 
 class RetrySettings(BaseModel):
     """Default retry policy; tenants may override attempts and window."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from pydantic import ValidationError
 
@@ -37,6 +39,58 @@ def test_bad_network_names_key_and_value() -> None:
 def test_lease_must_outlast_the_send_timeout() -> None:
     with pytest.raises(ValidationError, match=r"HERALD_DISPATCH__LEASE_S: must exceed"):
         Settings(dispatch={"lease_s": 5}, webhook={"total_timeout_s": 10})
+
+
+@pytest.mark.parametrize(
+    ("dispatch", "pattern"),
+    [
+        ({"visibility_timeout_s": 30}, r"HERALD_DISPATCH__VISIBILITY_TIMEOUT_S: must exceed .* \(125\), got 30$"),
+        ({"visibility_timeout_s": 125}, r"HERALD_DISPATCH__VISIBILITY_TIMEOUT_S: must exceed .* \(125\), got 125$"),
+        (
+            {"lease_s": 60, "reconcile_every_s": 10, "visibility_timeout_s": 69.5},
+            r"HERALD_DISPATCH__VISIBILITY_TIMEOUT_S: must exceed .* \(70\), got 69.5$",
+        ),
+        ({"lease_s": 20, "reconcile_every_s": 80}, r"HERALD_DISPATCH__RECONCILE_EVERY_S: must be under .* got 80$"),
+    ],
+)
+def test_visibility_timeout_must_outlast_lease_and_reconcile(dispatch: dict[str, float], pattern: str) -> None:
+    """Redis redelivering before the reconciler could act would duplicate every slow batch."""
+    with pytest.raises(ValidationError) as caught:
+        Settings(dispatch=dispatch)
+    [error] = caught.value.errors()
+    assert re.search(pattern, error["msg"]), error["msg"]
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"HERALD_DISPATCH__VISIBILITY_TIMEOUT_S": "30"},
+        {"HERALD_DISPATCH__LEASE_S": "300", "HERALD_DISPATCH__VISIBILITY_TIMEOUT_S": "250"},
+    ],
+)
+def test_visibility_timeout_from_the_environment_is_checked(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=r"HERALD_DISPATCH__VISIBILITY_TIMEOUT_S: must exceed"):
+        Settings()
+
+
+@pytest.mark.parametrize(
+    ("dispatch", "effective"),
+    [
+        ({}, 300),  # derived: 2 x lease + 60
+        ({"visibility_timeout_s": 125.5}, 125.5),
+        ({"lease_s": 20, "reconcile_every_s": 1, "visibility_timeout_s": 22}, 22),
+        ({"lease_s": 20, "reconcile_every_s": 79}, 100),
+    ],
+)
+def test_consistent_visibility_timeouts_are_accepted(dispatch: dict[str, float], effective: float) -> None:
+    settings = Settings(dispatch=dispatch, webhook={"total_timeout_s": 5})
+    cfg = settings.dispatch
+    assert (cfg.visibility_timeout_s or 2 * cfg.lease_s + 60) == effective
+    assert effective > cfg.lease_s + cfg.reconcile_every_s
 
 
 def test_every_setting_is_documented_in_the_readme() -> None:
