@@ -211,6 +211,12 @@ def _plan(
                     f"{where}endpoint_ids.{position}: no such endpoint, got {endpoint_id!r}",
                     field=f"{where}endpoint_ids.{position}",
                 ) from None
+        if not endpoints_by_id[endpoint_id].enabled:
+            # Accepted, it could only be dead-lettered at once; the producer should hear it now.
+            raise ValidationError(
+                f"{where}endpoint_ids.{position}: endpoint disabled, got {endpoint_id!r}",
+                field=f"{where}endpoint_ids.{position}",
+            )
     if event.type not in per_type:  # one look-up per event type, not per event, in a batch
         rows = session.scalars(
             select(Template).where(Template.tenant_id == tenant.id, Template.event_type == event.type)

@@ -197,6 +197,40 @@ def test_bad_events_get_a_problem_naming_the_field_and_write_nothing(
     assert row_counts(sessions) == before
 
 
+def test_naming_a_disabled_endpoint_is_refused_and_writes_nothing(
+    client: TestClient, auth: dict[str, str], sessions: sessionmaker[Session]
+) -> None:
+    """Accepted, such a delivery could only be dead-lettered at once: the producer hears it now."""
+    enabled, disabled = make_endpoint(client, auth), make_endpoint(client, auth)
+    assert client.post(f"/v1/endpoints/{disabled}/disable", headers=auth).status_code == 200
+    single: list[tuple[dict[str, Any], str]] = [
+        ({"type": "a", "endpoint_ids": [disabled]}, "endpoint_ids.0"),
+        ({"type": "a", "endpoint_ids": [enabled, disabled], "idempotency_key": "k1"}, "endpoint_ids.1"),
+    ]
+    batch = {
+        "events": [
+            {"type": "a", "endpoint_ids": [enabled]},
+            {"type": "b"},
+            {"type": "a", "endpoint_ids": [enabled, enabled, disabled]},
+        ]
+    }
+    before = row_counts(sessions)
+    for body, field in single:
+        body_ = assert_problem(client.post("/v1/events", json=body, headers=auth), 422, "validation_error", field)
+        assert "endpoint disabled" in body_["detail"] and disabled in body_["detail"]
+    answer = client.post("/v1/events/batch", json=batch, headers=auth)
+    assert "endpoint disabled" in assert_problem(answer, 422, "validation_error", "events.2.endpoint_ids.2")["detail"]
+    assert row_counts(sessions) == before
+
+    assert client.post(f"/v1/endpoints/{disabled}/enable", headers=auth).status_code == 200
+    accepted = client.post("/v1/events", json=single[1][0], headers=auth)
+    assert accepted.status_code == 202, accepted.text  # the same key was not used up by the refusal
+    assert [(d["endpoint_id"], d["state"]) for d in accepted.json()["deliveries"]] == [
+        (enabled, "queued"),
+        (disabled, "queued"),
+    ]
+
+
 def test_bodies_over_the_limit_get_413_with_or_without_content_length(
     small_client: TestClient, auth: dict[str, str], sessions: sessionmaker[Session]
 ) -> None:
