@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -229,7 +229,7 @@ def test_replay_by_ids_requeues_dead_letters_once(
 
     answer = client.post("/v1/dead-letters/replay", json={"ids": chosen}, headers=auth)
     assert answer.status_code == 200, answer.text
-    assert answer.json() == {"replayed": chosen, "skipped": []}
+    assert answer.json() == {"replayed": chosen, "skipped": [], "reasons": {}}
     assert wake_list.llen(wake_key) >= 1
     for delivery_id in chosen:
         record = client.get(f"/v1/deliveries/{delivery_id}", headers=auth).json()
@@ -241,16 +241,73 @@ def test_replay_by_ids_requeues_dead_letters_once(
     assert row_counts(sessions) == counts  # the same rows, not copies
 
     again = client.post("/v1/dead-letters/replay", json={"ids": chosen}, headers=auth)
-    assert again.json() == {"replayed": [], "skipped": chosen}
+    pending = "state queued: still pending or in flight"
+    assert again.json() == {"replayed": [], "skipped": chosen, "reasons": dict.fromkeys(chosen, pending)}
     assert [snapshot(sessions)[i] for i in chosen] == [("queued", 1)] * 2
 
     set_state(sessions, chosen[:1], DeliveryState.delivered)
     plain = client.post("/v1/dead-letters/replay", json={"ids": chosen[:1]}, headers=auth)
-    assert plain.json() == {"replayed": [], "skipped": chosen[:1]}
+    assert plain.json() == {
+        "replayed": [],
+        "skipped": chosen[:1],
+        "reasons": {chosen[0]: "state delivered: not dead; force re-sends it"},
+    }
     forced = client.post("/v1/dead-letters/replay", json={"ids": chosen, "force": True}, headers=auth)
-    assert forced.json() == {"replayed": chosen[:1], "skipped": chosen[1:]}  # the queued one is not re-sent
+    # the queued one is not re-sent, even by force
+    assert forced.json() == {"replayed": chosen[:1], "skipped": chosen[1:], "reasons": {chosen[1]: pending}}
     assert snapshot(sessions)[chosen[0]] == ("queued", 2)
     assert row_counts(sessions) == counts
+
+
+def deadline(client: TestClient, auth: dict[str, str], delivery_id: str) -> tuple[str, int, datetime | None]:
+    record = client.get(f"/v1/deliveries/{delivery_id}", headers=auth).json()
+    by = record["deliver_by"]
+    return record["state"], record["replays"], datetime.fromisoformat(by) if by else None
+
+
+def test_replay_keeps_deadlines_and_skips_passed_ones_unless_forced(
+    client: TestClient, auth: dict[str, str], sessions: sessionmaker[Session], world: World
+) -> None:
+    """A replayed visit reminder keeps its deadline (never sent late); one already past it is
+    skipped with a reason, and ``force`` sends it late by lifting the deadline."""
+    ahead_id, passed_id, none_id, passed_too_id = world.dead
+    ahead, passed = utcnow() + timedelta(hours=1), utcnow() - timedelta(hours=1)
+    set_state(sessions, [ahead_id], DeliveryState.dead, deliver_by=ahead)
+    set_state(sessions, [passed_id, passed_too_id], DeliveryState.dead, deliver_by=passed)
+    counts = row_counts(sessions)
+
+    by_filter = client.post("/v1/dead-letters/replay", json={"filter": {}}, headers=auth)
+    assert by_filter.status_code == 200, by_filter.text
+    assert by_filter.json()["replayed"] == sorted([ahead_id, none_id])
+    assert by_filter.json()["skipped"] == sorted([passed_id, passed_too_id])
+    for reason in by_filter.json()["reasons"].values():
+        assert reason == f"deliver_by {passed.isoformat()} has passed; force sends it late"
+    assert deadline(client, auth, ahead_id) == ("queued", 1, ahead)
+    assert deadline(client, auth, none_id) == ("queued", 1, None)
+    assert deadline(client, auth, passed_id) == ("dead", 0, passed)
+
+    by_ids = client.post("/v1/dead-letters/replay", json={"ids": [passed_id]}, headers=auth).json()
+    assert (by_ids["replayed"], by_ids["skipped"], list(by_ids["reasons"])) == ([], [passed_id], [passed_id])
+    assert deadline(client, auth, passed_id) == ("dead", 0, passed)
+
+    set_state(sessions, [ahead_id], DeliveryState.dead)
+    forced = client.post("/v1/dead-letters/replay", json={"ids": [passed_id, ahead_id], "force": True}, headers=auth)
+    assert forced.json() == {"replayed": sorted([passed_id, ahead_id]), "skipped": [], "reasons": {}}
+    assert deadline(client, auth, passed_id) == ("queued", 1, None)  # the operator chose a late send
+    assert deadline(client, auth, ahead_id) == ("queued", 2, ahead)  # a deadline still ahead holds
+    assert deadline(client, auth, passed_too_id) == ("dead", 0, passed)
+    assert row_counts(sessions) == counts
+
+
+def test_one_time_passcodes_are_never_replayed(
+    client: TestClient, auth: dict[str, str], sessions: sessionmaker[Session], world: World
+) -> None:
+    otp = world.dead[0]
+    set_state(sessions, [otp], DeliveryState.dead, category="otp")
+    for force in (False, True):
+        answer = client.post("/v1/dead-letters/replay", json={"ids": [otp], "force": force}, headers=auth).json()
+        assert answer == {"replayed": [], "skipped": [otp], "reasons": {otp: "one-time passcodes are never replayed"}}
+    assert snapshot(sessions)[otp] == ("dead", 0)
 
 
 def test_replay_by_filter_touches_only_matching_dead_letters(

@@ -330,7 +330,35 @@ def state_counts(*, session: Session) -> list[tuple[str, str, str, int]]:
 # ---------------------------------------------------------------- dead letters
 
 
-def replay(
+@dataclass(frozen=True)
+class ReplayResult:
+    """What a replay did: the ids re-sent, and for every id not re-sent, why."""
+
+    replayed: list[str]
+    skipped: dict[str, str]
+
+
+# Replayable only with ``force``: the delivery is not dead, so re-sending it is a deliberate repeat.
+_FORCE_STATES = frozenset({DeliveryState.delivered, DeliveryState.expired, DeliveryState.retrying})
+
+
+def _skip_reason(state: str, category: str | None, deliver_by: datetime | None, *, force: bool, now: datetime) -> str:
+    """Why a delivery is not replayed, or "" if it is."""
+    if category == OTP_CATEGORY:
+        # A one-time passcode is never sent again: its code is single-use and its deadline has passed.
+        return "one-time passcodes are never replayed"
+    if state in (DeliveryState.scheduled, DeliveryState.queued, DeliveryState.sending):
+        return f"state {state}: still pending or in flight"
+    if state != DeliveryState.dead and state not in _FORCE_STATES:
+        return f"state {state}: never replayed"
+    if state != DeliveryState.dead and not force:
+        return f"state {state}: not dead; force re-sends it"
+    if deliver_by is not None and deliver_by <= now and not force:
+        return f"deliver_by {deliver_by.isoformat()} has passed; force sends it late"
+    return ""
+
+
+def replay_report(
     *,
     session: Session,
     tenant_id: str,
@@ -338,21 +366,24 @@ def replay(
     where: DeliveryFilter | None,
     force: bool,
     now: datetime,
-) -> tuple[list[str], list[str]]:
-    """Re-send dead deliveries with their ids unchanged. Returns (replayed, skipped).
+) -> ReplayResult:
+    """Re-send deliveries with their ids unchanged; ``skipped`` says why each other one was not.
 
-    Without ``force`` only deliveries that are dead now are replayed, so replaying the same ids
-    twice sends nothing the second time; ``force`` also re-sends delivered, expired and retrying ones.
-    Deliveries that are in flight are always skipped.
+    Without ``force`` only deliveries that are dead now and whose ``deliver_by`` (if any) is still
+    ahead are replayed, keeping that deadline: a replayed reminder is never sent late, and replaying
+    the same ids twice sends nothing the second time. ``force`` is the operator's explicit "send it
+    again anyway": it also re-sends delivered, expired and retrying deliveries, and a deadline that
+    has already passed is lifted (a deadline still ahead is kept). Deliveries that are scheduled or
+    in flight, canceled or suppressed, and one-time passcodes are never replayed.
     """
-    allowed = {DeliveryState.dead} | (
-        {DeliveryState.delivered, DeliveryState.expired, DeliveryState.retrying} if force else set()
+    query = select(Delivery.id, Delivery.state, Delivery.category, Delivery.deliver_by).where(
+        Delivery.tenant_id == tenant_id
     )
-    query = select(Delivery.id, Delivery.state, Delivery.category).where(Delivery.tenant_id == tenant_id)
     if ids is not None:
         query = query.where(Delivery.id.in_(ids))
     else:
         # By filter, only what could be replayed is looked at: `skipped` stays about the request.
+        allowed = {DeliveryState.dead, *(_FORCE_STATES if force else ())}
         query = query.where(Delivery.state.in_(list(allowed)))
     if where is not None:
         query = where.apply(query)
@@ -361,9 +392,17 @@ def replay(
         missing = [i for i in ids if i not in found]
         if missing:
             raise NotFoundError(f"ids: no such delivery, got {missing[0]!r}", field="ids")
-    # A one-time passcode is never sent again: its code is single-use and its deadline has passed.
-    chosen = [i for i, row in found.items() if row.state in allowed and row.category != OTP_CATEGORY]
-    skipped = sorted(set(found) - set(chosen))
+    skipped: dict[str, str] = {}
+    chosen: list[str] = []
+    late: list[str] = []
+    for delivery_id, row in sorted(found.items()):
+        reason = _skip_reason(row.state, row.category, row.deliver_by, force=force, now=now)
+        if reason:
+            skipped[delivery_id] = reason
+            continue
+        chosen.append(delivery_id)
+        if row.deliver_by is not None and row.deliver_by <= now:
+            late.append(delivery_id)
     if chosen:
         session.execute(
             update(Delivery)
@@ -375,13 +414,33 @@ def replay(
                 attempts=0,
                 first_attempt_at=None,
                 finished_at=None,
-                deliver_by=None,
                 replays=Delivery.replays + 1,
                 updated_at=now,
             )
             .execution_options(synchronize_session=False)
         )
-    return sorted(chosen), skipped
+    if late:  # forced past its deadline: the operator chose a late send over none
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(late))
+            .values(deliver_by=None)
+            .execution_options(synchronize_session=False)
+        )
+    return ReplayResult(chosen, skipped)
+
+
+def replay(
+    *,
+    session: Session,
+    tenant_id: str,
+    ids: Sequence[str] | None,
+    where: DeliveryFilter | None,
+    force: bool,
+    now: datetime,
+) -> tuple[list[str], list[str]]:
+    """``replay_report`` as (replayed, skipped) ids, for callers that need no reasons."""
+    result = replay_report(session=session, tenant_id=tenant_id, ids=ids, where=where, force=force, now=now)
+    return result.replayed, sorted(result.skipped)
 
 
 def disable_endpoints(*, session: Session, ids: Sequence[str], reason: str) -> None:

@@ -110,9 +110,19 @@ def list_dead_letters(
     return _page(session, list(rows), limit)
 
 
-@router.post("/v1/dead-letters/replay", response_model=ReplayOut, tags=["dead letters"])
-def replay_dead_letters(body: ReplayIn, request: Request, session: SessionDep, tenant: TenantDep) -> ReplayOut:
-    """Re-send dead deliveries by ids or by filter, keeping their ids (the ``webhook-id``)."""
+class ReplayReport(ReplayOut):
+    """A replay's answer; ``reasons`` says, for every skipped id, why it was not re-sent."""
+
+    reasons: dict[str, str]
+
+
+@router.post("/v1/dead-letters/replay", response_model=ReplayReport, tags=["dead letters"])
+def replay_dead_letters(body: ReplayIn, request: Request, session: SessionDep, tenant: TenantDep) -> ReplayReport:
+    """Re-send dead deliveries by ids or by filter, keeping their ids (the ``webhook-id``).
+
+    A dead delivery whose ``deliver_by`` has passed is skipped unless ``force`` is given; see
+    ``queries.replay_report`` for what ``force`` means.
+    """
     if (body.ids is None) == (body.filter is None):
         raise ValidationError("ids: give either ids or filter, not both and not neither", field="ids")
     where = None
@@ -125,10 +135,10 @@ def replay_dead_letters(body: ReplayIn, request: Request, session: SessionDep, t
             created_after=f.created_after,
             created_before=f.created_before,
         )
-    replayed, skipped = queries.replay(
+    result = queries.replay_report(
         session=session, tenant_id=tenant.id, ids=body.ids, where=where, force=body.force, now=utcnow()
     )
     session.commit()
-    if replayed:
+    if result.replayed:
         request.app.state.wake()
-    return ReplayOut(replayed=replayed, skipped=skipped)
+    return ReplayReport(replayed=result.replayed, skipped=sorted(result.skipped), reasons=result.skipped)
