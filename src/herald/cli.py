@@ -175,10 +175,23 @@ def _sessions() -> Any:
     return make_sessionmaker(make_engine(settings().database_url))
 
 
+# A tenant's retry overrides; without them its deliveries follow HERALD_RETRY__*. The window is
+# capped at a year so that it fits the column on every database.
+max_attempts_option = click.option(
+    "--max-attempts", envvar="HERALD_TENANT__MAX_ATTEMPTS", show_envvar=True, type=click.IntRange(1, 100),
+    default=None, help="attempts before a delivery of this tenant is dead (default HERALD_RETRY__MAX_ATTEMPTS)",
+)  # fmt: skip
+retry_window_option = click.option(
+    "--retry-window-s", envvar="HERALD_TENANT__RETRY_WINDOW_S", show_envvar=True,
+    type=click.IntRange(1, 365 * 24 * 3600), default=None,
+    help="no attempt later than this after the first (default HERALD_RETRY__WINDOW_S)",
+)  # fmt: skip
+
+
 @tenants.command("create")
 @click.argument("name")
-@click.option("--max-attempts", type=click.IntRange(1, 100), default=None, help="retry attempts for this tenant")
-@click.option("--retry-window-s", type=click.IntRange(1), default=None, help="retry window for this tenant")
+@max_attempts_option
+@retry_window_option
 @handles_errors
 def tenants_create(name: str, max_attempts: int | None, retry_window_s: int | None) -> None:
     """Create tenant NAME and print its first API key (shown once)."""
@@ -192,6 +205,30 @@ def tenants_create(name: str, max_attempts: int | None, retry_window_s: int | No
         _, raw = queries.create_api_key(session=session, tenant_id=tenant.id)
     click.echo(f"tenant {tenant.id} ({name}) created")
     click.echo(f"API key (shown once, store it now): {raw}")
+
+
+@tenants.command("update")
+@click.argument("tenant")
+@max_attempts_option
+@retry_window_option
+@handles_errors
+def tenants_update(tenant: str, max_attempts: int | None, retry_window_s: int | None) -> None:
+    """Change TENANT's (id or name) retry overrides; deliveries already waiting follow the new ones."""
+    from herald.errors import ValidationError
+    from herald.store import queries
+    from herald.store.db import transaction
+
+    if max_attempts is None and retry_window_s is None:
+        raise ValidationError("give --max-attempts or --retry-window-s (or both)")
+    with transaction(_sessions()) as session:
+        found = queries.set_tenant_retry(
+            session=session, ref=tenant, max_attempts=max_attempts, retry_window_s=retry_window_s
+        )
+        label, attempts, window = f"{found.id} ({found.name})", found.retry_max_attempts, found.retry_window_s
+    defaults = settings().retry
+    shown_attempts = str(attempts) if attempts is not None else f"{defaults.max_attempts} (default)"
+    shown_window = f"{window}s" if window is not None else f"{defaults.window_s:g}s (default)"
+    click.echo(f"tenant {label} updated: max attempts {shown_attempts}, retry window {shown_window}")
 
 
 @tenants.command("list")

@@ -8,13 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from fastapi.testclient import TestClient
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from herald.config import Settings
-from herald.store.models import Delivery
-from tests.support import settings_env, sqlite_database
+from herald.cli import tenants
+from herald.config import Settings, get_settings
+from herald.store.models import Delivery, Tenant
+from tests.e2e.test_delivery import delivery, make_endpoint
+from tests.support import Processes, Receiver, row_counts, settings_env, sqlite_database, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -25,10 +28,12 @@ def database_url(tmp_path: Path) -> str:
     return sqlite_database(tmp_path)
 
 
-def herald(settings: Settings, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+def herald(
+    settings: Settings, *args: str, ok: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
-        [sys.executable, "-m", "herald.cli", *args], env=settings_env(settings), capture_output=True, text=True,
-        timeout=60,
+        [sys.executable, "-m", "herald.cli", *args], env=settings_env(settings) | (env or {}), capture_output=True,
+        text=True, timeout=60,
     )  # fmt: skip
     if ok:
         assert done.returncode == 0, done.stderr
@@ -77,3 +82,79 @@ def test_dlq_list_and_replay(
     assert "replayed 0, skipped 1" in again
     nothing = herald(settings, "dlq", "replay", "--tenant", "acme", ok=False)
     assert nothing.returncode == 2 and "--id" in nothing.stderr
+
+
+def herald_env(settings: Settings) -> dict[str, str]:
+    return {k: v for k, v in settings_env(settings).items() if k.startswith("HERALD_")}
+
+
+def retry_overrides(sessions: sessionmaker[Session], name: str) -> tuple[int | None, int | None]:
+    with sessions() as session:
+        tenant = session.scalars(select(Tenant).where(Tenant.name == name)).one()
+        return tenant.retry_max_attempts, tenant.retry_window_s
+
+
+def test_tenant_retry_overrides_are_updated_and_bad_values_write_nothing(
+    settings: Settings, api_key: str, sessions: sessionmaker[Session]
+) -> None:
+    assert retry_overrides(sessions, "acme") == (None, None)
+    done = herald(settings, "tenants", "update", "acme", "--max-attempts", "3").stdout
+    assert "max attempts 3, retry window 86400s (default)" in done
+    assert retry_overrides(sessions, "acme") == (3, None)
+    from_env = herald(settings, "tenants", "update", "acme", env={"HERALD_TENANT__RETRY_WINDOW_S": "600"}).stdout
+    assert "max attempts 3, retry window 600s" in from_env  # the attempts override is kept
+    assert retry_overrides(sessions, "acme") == (3, 600)
+
+    counts = row_counts(sessions)
+    bad: list[tuple[list[str], dict[str, str], str]] = [
+        (["--max-attempts", "0"], {}, "Invalid value for '--max-attempts'"),
+        (["--max-attempts", "101"], {}, "Invalid value for '--max-attempts'"),
+        (["--max-attempts", "two"], {}, "Invalid value for '--max-attempts'"),
+        (["--retry-window-s", "0"], {}, "Invalid value for '--retry-window-s'"),
+        (["--retry-window-s", str(365 * 24 * 3600 + 1)], {}, "Invalid value for '--retry-window-s'"),
+        ([], {"HERALD_TENANT__MAX_ATTEMPTS": "-1"}, "Invalid value for '--max-attempts'"),
+        ([], {}, "error: give --max-attempts or --retry-window-s"),
+    ]
+    # In this process (each refused before the database is opened): a process start per case
+    # would cost seconds on a busy machine. The exit code and message are the command's own.
+    for args, env, message in bad:
+        get_settings.cache_clear()
+        refused = CliRunner().invoke(tenants, ["update", "acme", *args], env=herald_env(settings) | env)
+        get_settings.cache_clear()
+        assert refused.exit_code == 2 and message in refused.stderr, (args, refused.stderr, refused.exception)
+    nobody = herald(settings, "tenants", "update", "nobody", "--max-attempts", "2", ok=False)
+    assert nobody.returncode == 2 and "error: tenant: no such tenant, got 'nobody'" in nobody.stderr
+    assert retry_overrides(sessions, "acme") == (3, 600)
+    assert row_counts(sessions) == counts
+
+
+def test_a_worker_honours_the_tenants_max_attempts(
+    settings: Settings,
+    client: TestClient,
+    auth: dict[str, str],
+    receiver: Receiver,
+    processes: Processes,
+) -> None:
+    """Always 500 with the tenant's max attempts set to 2 (the default here is 4): dead after exactly 2."""
+    assert settings.retry.max_attempts != 2
+    herald(settings, "tenants", "update", "acme", "--max-attempts", "2")
+    receiver.behaviour = lambda _id, _n: 500
+    make_endpoint(client, auth, receiver)
+    processes.worker()
+    processes.dispatcher()
+
+    def dead(delivery_id: str) -> dict[str, object] | None:
+        record = delivery(client, auth, delivery_id)
+        return record if record["state"] == "dead" else None
+
+    first, second = (
+        client.post("/v1/events", json={"type": "visit.booked"}, headers=auth).json()["deliveries"][0]["id"]
+        for _ in range(2)
+    )
+    record = wait_until(lambda: dead(first), what="the first delivery to die")
+    assert record["attempt_count"] == 2 and "gave up after 2 attempts" in str(record["last_error"]) + str(
+        record["attempts"]
+    )
+    wait_until(lambda: dead(second), what="the second delivery to die")  # by then a third try would show
+    assert receiver.calls[first] == receiver.calls[second] == 2
+    assert receiver.bad_signatures == 0

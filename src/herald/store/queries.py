@@ -56,6 +56,17 @@ def get_tenant(*, session: Session, ref: str) -> Tenant:
     return tenant
 
 
+def set_tenant_retry(*, session: Session, ref: str, max_attempts: int | None, retry_window_s: int | None) -> Tenant:
+    """Override the tenant's retry attempts and/or window (None leaves that one as it is)."""
+    tenant = get_tenant(session=session, ref=ref)
+    if max_attempts is not None:
+        tenant.retry_max_attempts = max_attempts
+    if retry_window_s is not None:
+        tenant.retry_window_s = retry_window_s
+    session.flush()
+    return tenant
+
+
 def list_tenants(*, session: Session) -> Sequence[Tenant]:
     return session.scalars(select(Tenant).order_by(Tenant.created_at)).all()
 
