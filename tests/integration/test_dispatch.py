@@ -1,0 +1,256 @@
+"""The dispatcher and the Celery set-up on real services: claims on PostgreSQL skip each other's
+rows, batches adapt to the backlog, and the messages in the Redis broker are what workers get.
+
+The Celery Redis transport keeps a queue as a Redis list named after it (``LPUSH`` to publish,
+``BRPOP`` to consume); each item is kombu's JSON envelope with the task's ``[args, kwargs, embed]``
+base64-encoded in ``body``. These tests read that list instead of running a worker.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from herald.config import Settings
+from herald.dispatch.dispatcher import Dispatcher
+from herald.errors import NotFoundError
+from herald.intake import NewEvent, accept_events
+from herald.store import queries
+from herald.store.db import make_engine, make_sessionmaker, transaction
+from herald.store.ids import new_id
+from herald.store.models import Delivery, DeliveryState, Endpoint, utcnow
+from herald.worker.celery_app import DELIVER_BATCH, make_celery
+
+LANE = "transactional"
+
+# Each make_celery() registers its tasks as Celery "shared" tasks, so a second app in one process
+# also receives the first app's (equal) task and Celery warns of the duplicate name. A process
+# runs one app in production; these tests build several and only publish, never run, the tasks.
+pytestmark = pytest.mark.filterwarnings("ignore::celery.exceptions.DuplicateTaskNameWarning")
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def add_deliveries(sessions: sessionmaker[Session], count: int) -> list[str]:
+    """``count`` due webhook deliveries on the transactional lane, through intake as the API makes them."""
+    with transaction(sessions) as session:
+        try:
+            tenant = queries.get_tenant(session=session, ref="acme")
+        except NotFoundError:
+            tenant = queries.create_tenant(session=session, name="acme")
+            session.add(Endpoint(id=new_id("ep"), tenant_id=tenant.id, url="http://127.0.0.1:9/hook", enabled=True))
+            session.flush()
+        events = [NewEvent(type="ticket.updated", subject=f"ticket:{n}", data={}, lane=LANE) for n in range(count)]
+        answers = accept_events(session=session, tenant=tenant, events=events, now=utcnow())
+    ids = [d["id"] for answer in answers for d in answer["deliveries"]]
+    assert len(ids) == count
+    return ids
+
+
+def queued_batches(client: redis.Redis, queue: str) -> list[list[str]]:
+    """The id batches of every message waiting in ``queue``, oldest first."""
+    batches = []
+    for raw in reversed(client.lrange(queue, 0, -1)):  # LPUSH: the newest is at the head
+        envelope = json.loads(raw)
+        assert envelope["content-type"] == "application/json"
+        assert envelope["properties"]["body_encoding"] == "base64"
+        assert envelope["headers"]["task"] == DELIVER_BATCH
+        args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+        assert kwargs == {}
+        [ids] = args
+        batches.append(ids)
+    return batches
+
+
+def leased(sessions: sessionmaker[Session]) -> dict[str, int]:
+    """How many deliveries are in each state, counting only those claimed (queued with a lease)."""
+    with sessions() as session:
+        rows = session.execute(
+            select(Delivery.state, func.count())
+            .where(Delivery.lease_until.is_not(None), Delivery.due_at.is_(None))
+            .group_by(Delivery.state)
+        ).all()
+    return {str(state): int(n) for state, n in rows}
+
+
+@dataclass
+class Part:
+    """One dispatcher with its own engine, Celery app and Redis client, as a separate process has."""
+
+    dispatcher: Dispatcher
+    engine: Engine
+    celery: Celery
+    client: redis.Redis
+
+
+MakeDispatcher = Callable[..., Dispatcher]
+
+
+@pytest.fixture
+def make_dispatcher(settings: Settings) -> Iterator[MakeDispatcher]:
+    """``make(settings=…, queue_prefix=…)``: a new Dispatcher; a prefix gives its messages lists of their own."""
+    made: list[Part] = []
+
+    def make(settings_: Settings = settings, queue_prefix: str = "") -> Dispatcher:
+        engine = make_engine(settings_.database_url)
+        celery = make_celery(settings_)
+        if queue_prefix:  # kombu's Redis transport puts the prefix before every key it uses
+            options = dict(celery.conf.broker_transport_options)
+            celery.conf.broker_transport_options = options | {"global_keyprefix": queue_prefix}
+        client = redis.Redis.from_url(settings_.redis_url)
+        dispatcher = Dispatcher(settings=settings_, sessions=make_sessionmaker(engine), celery=celery, client=client)
+        made.append(Part(dispatcher, engine, celery, client))
+        return dispatcher
+
+    yield make
+    for part in made:
+        part.celery.close()
+        part.client.close()
+        part.engine.dispose()
+
+
+@pytest.fixture
+def broker(settings: Settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(settings.redis_url)
+    yield client
+    client.close()
+
+
+# ------------------------------------------------------------------ claims on PostgreSQL
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+@pytest.mark.postgres
+def test_two_dispatchers_claiming_at_once_never_claim_the_same_delivery(
+    settings: Settings, sessions: sessionmaker[Session], make_dispatcher: MakeDispatcher, broker: redis.Redis
+) -> None:
+    small = settings.model_copy(
+        update={"dispatch": settings.dispatch.model_copy(update={"max_claim": 40, "max_batch": 40})}
+    )
+    ids = add_deliveries(sessions, 1200)
+    parts = [make_dispatcher(small, queue_prefix=f"d{n}:") for n in range(2)]
+    start = threading.Barrier(len(parts))
+    errors: list[BaseException] = []
+
+    def drain(dispatcher: Dispatcher) -> None:
+        try:
+            start.wait(10)
+            while dispatcher.dispatch_lane(LANE):  # True while a claim came back full
+                pass
+        except BaseException as exc:  # surfaced below: a thread's failure must fail the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=drain, args=(dispatcher,)) for dispatcher in parts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+
+    claimed = [[i for batch in queued_batches(broker, f"d{n}:{LANE}") for i in batch] for n in range(len(parts))]
+    assert all(claimed), f"both dispatchers should have claimed some: {[len(c) for c in claimed]}"
+    everything = claimed[0] + claimed[1]
+    assert len(everything) == len(set(everything)), "a delivery was claimed twice"
+    assert sorted(everything) == sorted(ids)
+    assert leased(sessions) == {DeliveryState.queued: len(ids)}
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+@pytest.mark.postgres
+def test_a_dispatcher_skips_rows_another_claim_holds_instead_of_waiting(
+    settings: Settings, sessions: sessionmaker[Session], make_dispatcher: MakeDispatcher, broker: redis.Redis
+) -> None:
+    """While one dispatcher's claim is uncommitted, a second takes the other due rows at once."""
+    ids = add_deliveries(sessions, 30)
+    other = make_dispatcher()
+    with sessions() as holder, holder.begin():
+        held = queries.claim_due(session=holder, lane=LANE, limit=10, lease_s=60, now=utcnow())
+        assert len(held) == 10
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: (other.dispatch_lane(LANE), done.set()))
+        thread.start()
+        # With FOR UPDATE but no SKIP LOCKED the second claim would wait for this transaction.
+        assert done.wait(20), "the second dispatcher waited for locked rows instead of skipping them"
+        thread.join(10)
+    published = [i for batch in queued_batches(broker, LANE) for i in batch]
+    assert sorted(published) == sorted(set(ids) - set(held))
+    assert leased(sessions) == {DeliveryState.queued: len(ids)}
+
+
+# ------------------------------------------------------------------ adaptive batches
+
+
+def test_an_idle_claim_publishes_one_delivery_and_a_backlog_full_batches(
+    settings: Settings, sessions: sessionmaker[Session], make_dispatcher: MakeDispatcher, broker: redis.Redis
+) -> None:
+    cfg = settings.dispatch.model_copy(update={"max_batch": 150, "max_claim": 2000, "target_tasks": 8})
+    dispatcher = make_dispatcher(settings.model_copy(update={"dispatch": cfg}))
+
+    [alone] = add_deliveries(sessions, 1)
+    assert dispatcher.dispatch_lane(LANE) is False  # nothing more was due
+    assert queued_batches(broker, LANE) == [[alone]]
+    envelope = json.loads(broker.lindex(LANE, 0))
+    assert envelope["properties"]["delivery_info"]["routing_key"] == LANE
+    broker.delete(LANE)
+
+    backlog = add_deliveries(sessions, 3000)
+    assert dispatcher.dispatch_lane(LANE) is True  # a full claim: more is due
+    first = queued_batches(broker, LANE)
+    assert sum(map(len, first)) == cfg.max_claim
+    assert all(1 <= len(b) <= cfg.max_batch for b in first)
+    assert len(first) == math.ceil(cfg.max_claim / cfg.max_batch), [len(b) for b in first]  # full messages
+    broker.delete(LANE)
+
+    assert dispatcher.dispatch_lane(LANE) is False
+    rest = queued_batches(broker, LANE)
+    assert sum(map(len, rest)) == len(backlog) - cfg.max_claim
+    assert all(1 <= len(b) <= cfg.max_batch for b in rest)
+    sent = [i for b in first + rest for i in b]
+    assert len(sent) == len(set(sent)) and set(sent) == set(backlog)
+    assert leased(sessions) == {DeliveryState.queued: len(backlog) + 1}
+    broker.delete(LANE)
+    assert dispatcher.dispatch_lane(LANE) is False and broker.llen(LANE) == 0  # nothing is claimed twice
+
+
+# ------------------------------------------------------------------ the Celery app
+
+
+@pytest.mark.parametrize(
+    ("dispatch", "visibility_timeout"),
+    [
+        ({"lease_s": 120.0}, 300),
+        ({"lease_s": 20.0, "reconcile_every_s": 1.0}, 100),
+        ({"visibility_timeout_s": 500}, 500),
+    ],
+)
+def test_make_celery_is_at_least_once_json_only_with_a_visibility_timeout_above_the_lease(
+    tmp_path: Path, redis_url: str, dispatch: dict[str, float], visibility_timeout: int
+) -> None:
+    settings = Settings(data_dir=tmp_path, redis={"url": redis_url}, dispatch=dispatch)
+    app = make_celery(settings)
+    try:
+        conf = app.conf
+        assert (conf.task_acks_late, conf.task_reject_on_worker_lost) == (True, True)
+        assert (conf.task_serializer, conf.result_serializer, list(conf.accept_content)) == ("json", "json", ["json"])
+        assert conf.worker_prefetch_multiplier == 1
+        task = app.tasks[DELIVER_BATCH]
+        assert (task.acks_late, task.reject_on_worker_lost, task.serializer) == (True, True, "json")
+        assert conf.broker_transport_options["visibility_timeout"] == visibility_timeout
+        assert visibility_timeout > settings.dispatch.lease_s + settings.dispatch.reconcile_every_s
+        # The value the Redis transport really uses, read from a live connection to the broker.
+        with app.connection_for_write() as connection:
+            assert connection.default_channel.visibility_timeout == visibility_timeout
+    finally:
+        app.close()
