@@ -24,6 +24,7 @@ from herald.store import queries
 from herald.store.db import transaction
 from herald.store.ids import new_id
 from herald.store.models import Recipient, Template
+from tests.support import row_counts
 
 EMAIL = {
     "subject": "Ticket {{ event.subject }} escalated",
@@ -365,11 +366,43 @@ def test_tenants_never_see_each_others_templates(
 
     theirs = put(client, other_auth, "ticket.created/sms/default", {"text": "theirs {{ data.code }}"}).json()
     assert theirs["id"] != mine["id"]
-    assert client.get(path, headers=auth).json() == mine
+    sms_report = ("length", "encoding", "segments")  # in the upload's answer only
+    assert client.get(path, headers=auth).json() == {k: v for k, v in mine.items() if k not in sms_report}
     answer = client.post("/v1/templates/preview", json=preview, headers=auth).json()
     assert (answer["template_id"], answer["text"]) == (mine["id"], "Your code is 1")
     assert_problem(client.get("/v1/templates", headers={"Authorization": "Bearer nope"}), 401, "unauthorized", None)
     assert count_templates(sessions) == 2
+
+
+def test_an_sms_upload_reports_length_encoding_and_segments_as_the_preview_does(
+    client: TestClient, auth: dict[str, str], sessions: sessionmaker[Session]
+) -> None:
+    cases = [
+        ({"text": "Ticket {{ data.ticket }}: {{ data.status }}", "sample_data": {"ticket": 4711, "status": "open"}},
+         (17, "GSM-7", 1)),
+        ({"text": "{{ 'x' * 155 }} {{ data.curly }}", "sample_data": {"curly": "{}[]"}}, (164, "GSM-7", 2)),
+        ({"text": "Código {{ data.code }} ✅", "sample_data": {"code": "123456"}}, (15, "UCS-2", 1)),
+        ({"text": "{{ data.word * 71 }}", "sample_data": {"word": "ü"}}, (71, "GSM-7", 1)),
+        ({"text": "{{ data.word * 71 }}", "sample_data": {"word": "ж"}}, (71, "UCS-2", 2)),
+        ({"text": "  Hi {{ data.missing }}  "}, (4, "GSM-7", 1)),  # trimmed as a send is; missing -> 0
+    ]  # fmt: skip
+    for body, expected in cases:
+        answer = put(client, auth, "ticket.sms/sms/default", body)
+        assert answer.status_code in (200, 201), answer.text
+        stored = answer.json()
+        assert (stored["length"], stored["encoding"], stored["segments"]) == expected, body
+        preview = client.post(
+            "/v1/templates/preview",
+            json={"channel": "sms", "event_type": "ticket.sms", "data": body.get("sample_data", {"missing": 0})},
+            headers=auth,
+        ).json()
+        assert (preview["length"], preview["encoding"], preview["segments"]) == expected, body
+    email = put(client, auth, "ticket.sms/email/default", EMAIL).json()
+    assert not {"length", "encoding", "segments"} & set(email)  # an SMS report is for SMS only
+    before = row_counts(sessions)
+    refused = put(client, auth, "ticket.sms/sms/default", {"text": "{{ 1/0 }}"})
+    assert_problem(refused, 422, "validation_error", "text")
+    assert "length" not in refused.json() and row_counts(sessions) == before
 
 
 def test_a_json_body_template_round_trips(client: TestClient, auth: dict[str, str]) -> None:

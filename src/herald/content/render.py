@@ -791,29 +791,31 @@ def validate_template(
     body: str | None = None,
     sample_data: Mapping[str, Any] | None = None,
     limits: RenderLimits = DEFAULT_LIMITS,
-) -> None:
+) -> dict[str, str]:
     """Check a template before it is stored; raise ``ValidationError`` naming every bad part.
 
     The channel's parts must be present (email: subject and text, html optional; sms: text;
     webhook: body) and no others. Each part must compile and survive a sample render with
     ``sample_data`` as ``data`` (missing variables are placeholders, see the module docstring),
-    and a webhook body must come out as a JSON object.
+    and a webhook body must come out as a JSON object. Returns the sample render of each part.
     """
     sources = {"subject": subject, "text": text, "html": html, "body": body}
     check_parts(channel=channel, parts=sources)
     context = {} if sample_data is None else {"data": dict(sample_data)}
     errors: list[dict[str, str]] = []
+    samples: dict[str, str] = {}
     for name, source in sources.items():
         if source is None:
             continue
         try:
-            rendered = _render(name, source, context, placeholders=True, limits=limits)
+            samples[name] = _render(name, source, context, placeholders=True, limits=limits)
             if name == "body":
-                parse_body(rendered)
+                parse_body(samples[name])
         except RenderError as exc:
             errors.append({"field": name, "message": exc.message})
     if errors:
         raise ValidationError(errors[0]["message"], field=errors[0]["field"], errors=errors)
+    return samples
 
 
 def check_parts(*, channel: str, parts: Mapping[str, str | None]) -> None:

@@ -29,6 +29,7 @@ from herald.content.render import (
 )
 from herald.content.sms import sms_info
 from herald.errors import NotFoundError, ValidationError
+from herald.logs import redact
 from herald.store.ids import new_id
 from herald.store.models import Channel, Recipient, Template, utcnow
 
@@ -70,6 +71,15 @@ class TemplateOut(BaseModel):
     body: str | None
     created_at: datetime
     updated_at: datetime
+
+
+class TemplateUploadOut(TemplateOut):
+    """The stored template; for SMS also how its sample render travels (``length``, ``encoding``,
+    ``segments``, as ``POST /v1/templates/preview`` reports them), absent for other channels."""
+
+    length: int | None = None
+    encoding: str | None = None
+    segments: int | None = None
 
 
 class PreviewRecipient(In):
@@ -172,7 +182,7 @@ def _write(session: Session, key: dict[str, str], parts: dict[str, str | None]) 
     return template, created
 
 
-@router.put("/{event_type}/{channel}/{locale}", response_model=TemplateOut)
+@router.put("/{event_type}/{channel}/{locale}", response_model=TemplateUploadOut, response_model_exclude_unset=True)
 def upsert_template(
     event_type: EventTypePath,
     channel: Channel,
@@ -181,11 +191,15 @@ def upsert_template(
     response: Response,
     session: SessionDep,
     tenant: TenantDep,
-) -> TemplateOut:
-    """Create (201) or replace (200) a template once it compiles and survives a sample render."""
+) -> TemplateUploadOut:
+    """Create (201) or replace (200) a template once it compiles and survives a sample render.
+
+    For SMS the answer has the sample render's ``length``, ``encoding`` and ``segments`` (with
+    ``sample_data`` as ``data``; variables it lacks render as ``0``, so give realistic data).
+    """
     stored_locale = _locale(locale)
     parts = body.model_dump(include=set(PART_NAMES))
-    validate_template(channel=channel.value, sample_data=body.sample_data, **parts)
+    samples = validate_template(channel=channel.value, sample_data=body.sample_data, **parts)
     key = {"tenant_id": tenant.id, "event_type": event_type, "channel": channel.value, "locale": stored_locale}
     try:
         template, created = _write(session, key, parts)
@@ -194,7 +208,11 @@ def upsert_template(
         session.rollback()
         template, created = _write(session, key, parts)
     response.status_code = 201 if created else 200
-    return _out(template)
+    out = TemplateUploadOut(**_out(template).model_dump())
+    if channel == Channel.sms:
+        info = sms_info(samples["text"].strip())  # trimmed, as a send is (render_message)
+        out.length, out.encoding, out.segments = info.length, info.encoding, info.segments
+    return out
 
 
 @router.get("/{event_type}/{channel}/{locale}", response_model=TemplateOut)
@@ -257,7 +275,7 @@ def _preview_recipient(
         )
     )
     if recipient is None:
-        raise NotFoundError(f"recipient: no such recipient, got {ref!r}", field="recipient")
+        raise NotFoundError(f"recipient: no such recipient, got {redact(repr(ref))}", field="recipient")
     return lookup.recipient_variables(recipient), recipient.locale
 
 
