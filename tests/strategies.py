@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 import json
 import string
 import time
+import zoneinfo
 from collections.abc import Callable, Sequence
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dt_time
 
 from hypothesis import strategies as st
 
@@ -131,3 +135,83 @@ def locale_tags(draw: st.DrawFn) -> tuple[str, list[str]]:
         subtags.append(region)
     separator = draw(st.sampled_from(["-", "_"]))
     return _mixed_case(draw, separator.join(subtags)), subtags
+
+
+# ---------------------------------------------------------------- time zones and daylight saving
+
+ZONE_NAMES = tuple(
+    sorted(
+        name
+        for name in zoneinfo.available_timezones()
+        if "/" in name and not name.startswith(("Etc/", "SystemV/", "posix/", "right/"))
+    )
+)
+_SPAN = (datetime(2025, 1, 1, tzinfo=UTC), datetime(2028, 1, 1, tzinfo=UTC))
+
+
+def utc_offset(zone: zoneinfo.ZoneInfo, instant: datetime) -> timedelta:
+    return instant.astimezone(zone).utcoffset() or timedelta(0)
+
+
+@functools.cache
+def offset_changes(name: str) -> tuple[datetime, ...]:
+    """Every instant in 2025 to 2027 at which zone ``name`` changes its UTC offset (the first second
+    of the new offset), found by scanning week by week and bisecting to the second."""
+    zone = zoneinfo.ZoneInfo(name)
+    start, end = (int(t.timestamp()) for t in _SPAN)
+    changes = []
+    before = utc_offset(zone, datetime.fromtimestamp(start, UTC))
+    week = 7 * 86400
+    for day in range(start, end, week):
+        after = utc_offset(zone, datetime.fromtimestamp(day + week, UTC))
+        if after != before:
+            low, high = day, day + week
+            while high - low > 1:
+                middle = (low + high) // 2
+                if utc_offset(zone, datetime.fromtimestamp(middle, UTC)) == before:
+                    low = middle
+                else:
+                    high = middle
+            changes.append(datetime.fromtimestamp(high, UTC))
+        before = after
+    return tuple(changes)
+
+
+@functools.cache
+def changing_zone_names() -> tuple[str, ...]:
+    """The zones that change their UTC offset in 2025 to 2027 (daylight saving, mostly)."""
+    return tuple(name for name in ZONE_NAMES if offset_changes(name))
+
+
+_any_zone_name = st.sampled_from(ZONE_NAMES)
+# Half the draws from zones that change offset: those are where local time goes wrong.
+_zone_names = _any_zone_name | st.deferred(lambda: st.sampled_from(changing_zone_names()))
+zones = _zone_names.map(zoneinfo.ZoneInfo)
+_uniform_instants = st.datetimes(datetime(2025, 1, 1), datetime(2027, 12, 31)).map(lambda d: d.replace(tzinfo=UTC))
+
+
+@st.composite
+def zoned_instants(draw: st.DrawFn) -> tuple[zoneinfo.ZoneInfo, datetime]:
+    """A zone and an instant in 2025 to 2027, most often within hours (else days) of one of the
+    zone's offset changes, on a whole minute or not."""
+    name = draw(_zone_names)
+    changes = offset_changes(name)
+    if not changes or draw(st.integers(0, 3)) == 0:
+        return zoneinfo.ZoneInfo(name), draw(_uniform_instants)
+    change = draw(st.sampled_from(changes))
+    seconds = draw(st.integers(-3 * 3600, 3 * 3600) | st.integers(-3 * 86400, 3 * 86400))
+    if draw(st.booleans()):
+        seconds -= seconds % 60
+    micros = draw(st.sampled_from([0, 0, 1, 500_000, 999_999]))
+    return zoneinfo.ZoneInfo(name), change + timedelta(seconds=seconds, microseconds=micros)
+
+
+@st.composite
+def zoned_days(draw: st.DrawFn) -> tuple[zoneinfo.ZoneInfo, date]:
+    """A zone and a local date in 2025 to 2027, most often the day of one of its offset changes or next to it."""
+    zone, instant = draw(zoned_instants())
+    return zone, instant.astimezone(zone).date() + timedelta(days=draw(st.sampled_from([0, 0, 0, -1, 1])))
+
+
+# Local wall times, often on the round hours and half hours where offset changes happen.
+wall_times = st.times() | st.builds(dt_time, st.integers(0, 23), st.sampled_from([0, 15, 30, 45, 59]))

@@ -94,8 +94,10 @@ def after_quiet_hours(when: datetime, quiet: QuietHours | None, zone: ZoneInfo) 
     day = local.date()
     if quiet.start > quiet.end and local.time().replace(tzinfo=None) >= quiet.start:
         day += timedelta(days=1)  # late evening: the window ends tomorrow morning
-    end = local_to_utc(day, quiet.end, zone)
-    return max(end, when)
+    # In an autumn fold the end may be on the clock twice: the window ``when`` is in ends at the
+    # first of them not before ``when`` (a send on the fold's second pass waits for the second).
+    ends = _instants(datetime.combine(day, quiet.end), zone, each_occurrence=True)
+    return max(next((end for end in ends if end >= when), ends[-1]), when)
 
 
 def validate_cron(expression: str, *, field: str = "cron") -> str:
@@ -108,7 +110,71 @@ def validate_cron(expression: str, *, field: str = "cron") -> str:
 
 
 def next_fire(expression: str, zone: ZoneInfo, after: datetime) -> datetime:
-    """The first instant strictly after ``after`` at which ``expression`` fires in ``zone``."""
-    local = after.astimezone(zone)
-    fire: datetime = croniter(expression, local).get_next(datetime)
-    return fire.astimezone(UTC)
+    """The first instant strictly after ``after`` at which ``expression`` fires in ``zone``.
+
+    Daylight-saving changes follow cron's usual rule (Vixie cron, Debian's cron): a schedule with a
+    fixed hour fires once on each wall time, so in the autumn fold it fires on the first of the two
+    occurrences only, and a wall time skipped by the spring gap fires shifted forward by the gap
+    (as :func:`local_to_utc`). A schedule whose hour field starts with ``*`` (hourly or more often)
+    follows elapsed time instead and fires on both occurrences of a repeated wall time.
+    """
+    after = after.astimezone(UTC)
+    each_occurrence = expression.split()[1].startswith("*")
+    found = _first_after(expression, zone, _wall(after, zone), after, each_occurrence=each_occurrence)
+    # Walking the wall clock from ``after`` finds the first firing unless the offset changes near
+    # ``after`` or near that firing: wall times then map to instants out of order (the second pass
+    # of a fold, a gap's shifted times against the ones just past it). Walking again from each side
+    # of such a change covers every run of wall times whose instants are in order.
+    day = timedelta(days=1)
+    for start, end in ((after - day, after + day), (found - day, found + day)):
+        offsets = (_offset(zone, start), _offset(zone, end))
+        if offsets[0] != offsets[1]:
+            change = _change_between(zone, start, end)
+            for offset in offsets:
+                # From the change's wall time on that side, skipping what cannot be after ``after``.
+                resume = max(change, after) + offset
+                resume = resume.replace(tzinfo=None, microsecond=0) - timedelta(seconds=2)
+                found = min(found, _first_after(expression, zone, resume, after, each_occurrence=each_occurrence))
+    return found
+
+
+def _wall(instant: datetime, zone: ZoneInfo) -> datetime:
+    return instant.astimezone(zone).replace(tzinfo=None)
+
+
+def _offset(zone: ZoneInfo, instant: datetime) -> timedelta:
+    return instant.astimezone(zone).utcoffset() or timedelta(0)
+
+
+def _change_between(zone: ZoneInfo, start: datetime, end: datetime) -> datetime:
+    """The instant, to within a second after it, at which ``zone``'s UTC offset changes in (``start``, ``end``]."""
+    before = _offset(zone, start)
+    while end - start > timedelta(seconds=1):
+        middle = start + (end - start) / 2
+        if _offset(zone, middle) == before:
+            start = middle
+        else:
+            end = middle
+    return end
+
+
+def _first_after(
+    expression: str, zone: ZoneInfo, wall: datetime, after: datetime, *, each_occurrence: bool
+) -> datetime:
+    """The earliest firing after ``after`` of the first wall time past naive ``wall`` that has one."""
+    walls = croniter(expression, wall)
+    while True:
+        candidate: datetime = walls.get_next(datetime)
+        fires = [i for i in _instants(candidate, zone, each_occurrence=each_occurrence) if i > after]
+        if fires:
+            return fires[0]
+
+
+def _instants(wall: datetime, zone: ZoneInfo, *, each_occurrence: bool) -> list[datetime]:
+    """When naive local ``wall`` fires, in order: its instant; for a repeated one the first (or,
+    with ``each_occurrence``, both); for a skipped one, shifted forward past the gap."""
+    first = wall.replace(tzinfo=zone, fold=0).astimezone(UTC)
+    second = wall.replace(tzinfo=zone, fold=1).astimezone(UTC)
+    if first == second or _wall(second, zone) != wall:
+        return [first]  # exists once, or is in a gap: fold=0 reads it with the earlier offset (PEP 495)
+    return [first, second] if each_occurrence else [first]
