@@ -22,6 +22,11 @@ def rate(prefix: str, endpoint_id: str, second: int) -> str:
     return f"{prefix}:rate:{endpoint_id}:{second}"
 
 
+def slots(prefix: str, endpoint_id: str) -> str:
+    """A sorted set of an endpoint's concurrency slots in use, scored by when each expires."""
+    return f"{prefix}:slots:{endpoint_id}"
+
+
 def otp_code(prefix: str, delivery_id: str) -> str:
     """The plaintext of a one-time passcode, kept only until it expires, read once by the worker."""
     return f"{prefix}:otp:{delivery_id}"

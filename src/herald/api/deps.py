@@ -16,8 +16,10 @@ from herald.store.models import Tenant
 
 def get_session(request: Request) -> Iterator[Session]:
     """A session per request. Routes that write call ``commit()`` themselves before answering,
-    so a 2xx always means committed; anything uncommitted is rolled back on close."""
-    with request.app.state.sessions() as session:
+    so a 2xx always means committed; anything uncommitted is rolled back on close. GET requests
+    never write, so theirs only reads (on SQLite it never queues for the write lock)."""
+    factory = request.app.state.read_sessions if request.method in ("GET", "HEAD") else request.app.state.sessions
+    with factory() as session:
         yield session
 
 

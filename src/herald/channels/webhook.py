@@ -22,6 +22,7 @@ from email.utils import parsedate_to_datetime
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
+from yarl import URL
 
 from herald.channels import signing
 from herald.channels.base import ChannelLifecycle, Sent, WebhookMessage
@@ -40,6 +41,7 @@ from herald.logs import redact
 # and a connection reused between bursts saves a TCP (and TLS) handshake per delivery.
 KEEPALIVE_S = 30.0
 ERROR_CHARS = 200
+_MAX_CHECKED_URLS = 10_000
 
 _TRANSIENT_4XX = frozenset({408, 409, 425, 429})
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
@@ -65,6 +67,9 @@ class WebhookChannel(ChannelLifecycle):
         self._inner_resolver = resolver
         self._resolver: GuardedResolver | None = None
         self._session: aiohttp.ClientSession | None = None
+        # url -> parsed URL, or the refusal: a batch sends to a handful of URLs thousands of
+        # times, and the check (a URL parse, address maths) is the same every time.
+        self._checked: dict[str, URL | PermanentChannelError] = {}
 
     async def start(self) -> None:
         """Open the connection pool; calling it again while open does nothing."""
@@ -105,22 +110,42 @@ class WebhookChannel(ChannelLifecycle):
         """
         if self._session is None:
             raise RuntimeError("WebhookChannel.send() called before start()")
+        url = self._checked_url(message.url)
         try:
-            check_url(message.url, allow=self._allow, resolve=False)
             signed = signing.headers(
                 secrets=message.secrets, msg_id=message.delivery_id, timestamp=int(time.time()), body=message.body
             )
-        except (UnsafeUrlError, ValidationError) as exc:
+        except ValidationError as exc:
             raise PermanentChannelError(_text(exc.message)) from exc
         try:
             async with self._session.post(
-                message.url, data=message.body, headers=self._headers(message, signed), allow_redirects=False
+                url, data=message.body, headers=self._headers(message, signed), allow_redirects=False
             ) as response:
                 head = await _read_head(response, self._settings.max_response_bytes)
                 status, retry_after = response.status, response.headers.get("Retry-After")
         except (aiohttp.ClientError, OSError, ValueError) as exc:  # TimeoutError is an OSError
             raise self._failure(exc) from exc
         return _outcome(status, retry_after, head)
+
+    def _checked_url(self, url: str) -> URL:
+        """``url`` parsed, once the SSRF rules allow it (raises ``PermanentChannelError`` otherwise).
+
+        Names are still vetted at connect time by the guarded resolver; what is cached here is
+        only the verdict on the URL's own spelling, which never changes.
+        """
+        verdict = self._checked.get(url)
+        if verdict is None:
+            try:
+                check_url(url, allow=self._allow, resolve=False)
+                verdict = URL(url, encoded=False)
+            except UnsafeUrlError as exc:
+                verdict = PermanentChannelError(_text(exc.message))
+            if len(self._checked) >= _MAX_CHECKED_URLS:
+                self._checked.clear()
+            self._checked[url] = verdict
+        if isinstance(verdict, PermanentChannelError):
+            raise PermanentChannelError(verdict.message)
+        return verdict
 
     def _headers(self, message: WebhookMessage, signed: dict[str, str]) -> dict[str, str]:
         # Lower-cased keys, so a message header cannot sneak in a second "Webhook-Id".

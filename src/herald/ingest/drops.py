@@ -49,7 +49,6 @@ from herald.api.schemas import EventType, ObjectId
 from herald.config import Settings
 from herald.content.render import RenderError, render_message, template_context
 from herald.errors import NotFoundError
-from herald.ingest.bulk import insert_rows
 from herald.ingest.parsers import DropFileError, DropParser, Item, Rejection, Row, scan
 from herald.ingest.report import (
     REPORT_SUFFIX,
@@ -62,6 +61,7 @@ from herald.ingest.report import (
 )
 from herald.ingest.seen import SeenIds
 from herald.store import queries
+from herald.store.bulk import insert_rows
 from herald.store.db import transaction
 from herald.store.ids import new_id, new_ids
 from herald.store.models import Channel, Delivery, DeliveryState, Drop, Event, Template, utcnow

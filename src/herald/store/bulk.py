@@ -1,5 +1,7 @@
-"""Inserting many rows fast, inside the caller's transaction: COPY on PostgreSQL, one
-``executemany`` of ready tuples on SQLite.
+"""Writing many rows fast, inside the caller's transaction.
+
+Inserts are COPY on PostgreSQL and one ``executemany`` of ready tuples on SQLite; updates by key
+are one ``executemany`` of ready tuples on both (psycopg pipelines it into one round trip).
 
 A drop writes two rows per line. SQLAlchemy's ``insert(...)`` with a list of dicts spends more
 time building parameters than the database spends storing them, and psycopg runs an executemany
@@ -39,6 +41,31 @@ def insert_rows(
     connection.exec_driver_sql(
         f"INSERT INTO {table.name} ({names}) VALUES ({marks})", _bound(connection, table, columns, rows)
     )
+
+
+def update_rows(
+    connection: Connection,
+    model: type[Base],
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    where: Sequence[str],
+    where_sql: str = "",
+) -> None:
+    """``UPDATE`` one row per item of ``rows``: values of ``columns``, then of the ``where`` columns
+    that pick the row (compared with ``=``); ``where_sql`` adds a fixed condition.
+
+    A value ``None`` in a ``where`` column matches nothing (SQL's ``= NULL``), so callers only key on
+    columns that are set.
+    """
+    if not rows:
+        return
+    table = cast(Table, model.__table__)
+    mark = "%s" if connection.dialect.name == "postgresql" else "?"
+    assignments = ", ".join(f"{name} = {mark}" for name in columns)
+    condition = " AND ".join([*(f"{name} = {mark}" for name in where), *([where_sql] if where_sql else [])])
+    statement = f"UPDATE {table.name} SET {assignments} WHERE {condition}"
+    connection.exec_driver_sql(statement, _bound(connection, table, [*columns, *where], rows))
 
 
 def _bound(

@@ -1,5 +1,11 @@
 """Engine and session factories. SQLite gets WAL and a busy timeout so the API, dispatcher and
-workers can share one file; PostgreSQL gets a pool."""
+workers can share one file; PostgreSQL gets a pool.
+
+On SQLite every transaction that may write begins ``IMMEDIATE`` (it queues for the one write
+lock up front instead of failing to upgrade a read lock). Work that only reads uses
+``reader(engine)``: it begins deferred and, in WAL mode, never waits for a writer nor makes one
+wait, which keeps status reads, metrics scrapes and the dispatcher's idle checks off the lock.
+"""
 
 from __future__ import annotations
 
@@ -31,10 +37,18 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+_READ_ONLY = "herald_read_only"
+
+
+def reader(engine: Engine) -> Engine:
+    """``engine`` for work that never writes (same pool; on SQLite its transactions begin deferred)."""
+    return engine.execution_options(**{_READ_ONLY: True})
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, func, or_, select, update
+from sqlalchemy import Connection, Select, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from herald.errors import AuthError, ConflictError, NotFoundError
@@ -126,7 +126,9 @@ def list_endpoints(*, session: Session, tenant_id: str, cursor: str | None, limi
     return session.scalars(_page(query, Endpoint.id, cursor, limit)).all()
 
 
-def active_secrets(*, session: Session, endpoint_ids: Sequence[str], now: datetime) -> dict[str, list[str]]:
+def active_secrets(
+    *, session: Session | Connection, endpoint_ids: Sequence[str], now: datetime
+) -> dict[str, list[str]]:
     """The signing secrets of each endpoint, newest first (rotated ones until their grace ends)."""
     rows = session.execute(
         select(EndpointSecret.endpoint_id, EndpointSecret.secret)
@@ -296,6 +298,12 @@ def release(*, session: Session, ids: Sequence[str], now: datetime) -> None:
     )
 
 
+def any_due(*, session: Session, lane: str, now: datetime) -> bool:
+    """Whether ``lane`` has a delivery due now (one probe of the due index)."""
+    due = select(Delivery.id).where(Delivery.lane == lane, Delivery.due_at <= now).limit(1)
+    return session.scalar(due) is not None
+
+
 def in_flight(*, session: Session, lane: str) -> int:
     """Deliveries of ``lane`` handed to the broker and not finished."""
     return (
@@ -304,6 +312,11 @@ def in_flight(*, session: Session, lane: str) -> int:
         )
         or 0
     )
+
+
+def any_lease_expired(*, session: Session, now: datetime) -> bool:
+    """Whether some dispatched delivery's lease has run out (one probe of the lease index)."""
+    return session.scalar(select(Delivery.id).where(Delivery.lease_until < now).limit(1)) is not None
 
 
 def reconcile(*, session: Session, now: datetime) -> int:

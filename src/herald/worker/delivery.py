@@ -1,7 +1,22 @@
 """Delivering a batch: take the rows, send concurrently, record every outcome in one write.
 
 One ``Runtime`` per worker process holds the database engine, the Redis client, one asyncio
-loop and one webhook channel (one aiohttp session), all reused across tasks.
+loop and one instance of each channel (one aiohttp session), all reused across tasks.
+
+A batch goes through three steps:
+
+1. **take** (one transaction): the rows the dispatcher handed out (``queued``, no ``due_at``)
+   become ``sending`` under a lease; rows past their ``deliver_by`` expire, rows that cannot be
+   sent (endpoint disabled, address erased, passcode gone) die, and rows an endpoint cannot take
+   now (paused after a 429/503, over its rate or concurrency) are held: due again a little
+   later, their attempt count unchanged.
+2. **send**, concurrently; the lease is renewed while a long batch is still sending.
+3. **record** (one transaction): an attempt row per send and each delivery's new state, written
+   only where this worker still holds the lease, so a worker that lost its lease never
+   overwrites what the worker that took over decided.
+
+The hot path uses SQLAlchemy Core on the tables (no ORM objects): a bulk batch is hundreds of
+rows, and ORM loading cost more than the sending.
 """
 
 from __future__ import annotations
@@ -13,13 +28,13 @@ import os
 import random
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
 
 import redis
-from sqlalchemy import insert, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Table, select, update
 
 from herald import keys
 from herald.channels.base import EmailMessage, Sent, SmsMessage, WebhookMessage
@@ -31,32 +46,74 @@ from herald.errors import ChannelError, PermanentChannelError, TransientChannelE
 from herald.logs import redact
 from herald.metrics import record_latencies
 from herald.store import queries
+from herald.store.bulk import insert_rows, update_rows
 from herald.store.db import make_engine, make_sessionmaker
 from herald.store.models import Attempt, Channel, Delivery, DeliveryState, Endpoint, Event, Tenant, utcnow
+from herald.worker.pacing import Pacing, Slots
 from herald.worker.retry import Action, RetryPolicy
 
 logger = logging.getLogger(__name__)
 
-
 Message = WebhookMessage | EmailMessage | SmsMessage
-
-# The longest an endpoint is paused for one 429/503 answer, whatever its Retry-After says.
-MAX_PAUSE_S = 300.0
 
 # Where a one-time passcode stands in rendered content: the code itself is never written to the
 # database; it waits in Redis (see herald.otp) and is put in place just before sending.
 OTP_MARKER = "__HERALD_OTP_CODE__"
 
+# A held delivery (paused endpoint, over its rate or concurrency) is due again after this.
+HOLD_S = 1.0
 
-@dataclass
+_DELIVERIES: Table = Delivery.__table__  # type: ignore[assignment]
+_EVENTS: Table = Event.__table__  # type: ignore[assignment]
+_ENDPOINTS: Table = Endpoint.__table__  # type: ignore[assignment]
+_TENANTS: Table = Tenant.__table__  # type: ignore[assignment]
+
+_STATES = {
+    Action.delivered: DeliveryState.delivered,
+    Action.retry: DeliveryState.retrying,
+    Action.dead: DeliveryState.dead,
+    Action.expired: DeliveryState.expired,
+}
+_RECORD_COLUMNS = (
+    "state", "attempts", "first_attempt_at", "due_at", "lease_until", "last_status_code", "last_error", "updated_at",
+    "finished_at",
+)  # fmt: skip
+_STATE_COLUMNS = ("state", "due_at", "lease_until", "last_error", "finished_at", "updated_at")
+_ATTEMPT_COLUMNS = (
+    "delivery_id", "number", "started_at", "latency_ms", "status_code", "outcome", "error", "decision", "provider",
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class Taken:
+    """What sending and recording need of a delivery this worker took (one ``RETURNING`` row)."""
+
+    id: str
+    tenant_id: str
+    event_id: str
+    endpoint_id: str | None
+    channel: str
+    lane: str
+    subject: str | None
+    attempts: int
+    first_attempt_at: datetime | None
+    deliver_by: datetime | None
+    address: str | None
+    content: dict[str, Any] | None
+    category: str | None
+
+
+_TAKEN_COLUMNS = [_DELIVERIES.c[name] for name in Taken.__slots__]
+
+
+@dataclass(slots=True)
 class Job:
-    delivery: Delivery
+    delivery: Taken
     policy: RetryPolicy
     message: Message
-    max_concurrency: int | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Result:
     job: Job
     started_at: datetime
@@ -65,7 +122,20 @@ class Result:
     error: ChannelError | None
 
 
-def webhook_body(event: Event, content: dict[str, Any] | None = None) -> bytes:
+class EventLike(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def subject(self) -> str | None: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def data(self) -> Any: ...
+
+
+def webhook_body(event: EventLike, content: dict[str, Any] | None = None) -> bytes:
     """The payload of every webhook for ``event``: the same bytes on every attempt.
 
     A tenant's webhook template, rendered when the event was accepted, replaces ``data``.
@@ -84,14 +154,26 @@ def otp_key(prefix: str, delivery_id: str) -> str:
     return keys.otp_code(prefix, delivery_id)
 
 
+@dataclass(slots=True)
+class Batch:
+    """The jobs of one task and the lease this worker holds on them."""
+
+    jobs: list[Job]
+    lease_until: datetime
+    slots: Slots | None = None
+    gates: dict[str, asyncio.Semaphore] | None = None
+
+
 class Runtime:
     """Per-process delivery machinery."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.engine = make_engine(settings.database_url, pool_size=2)
-        self.sessions = make_sessionmaker(self.engine)
+        self.sessions = make_sessionmaker(self.engine)  # for periodic jobs, which use the ORM
         self.redis: redis.Redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+        self.prefix = settings.redis.key_prefix
+        self.pacing = Pacing(self.redis, prefix=self.prefix)
         self.loop = asyncio.new_event_loop()
         self.webhook = WebhookChannel(settings.webhook)
         self.email = EmailChannel(settings.smtp, outbox_dir=settings.outbox_dir / "email")
@@ -103,77 +185,99 @@ class Runtime:
     def wake(self) -> None:
         """Tell the dispatcher new work is due (periodic jobs that created deliveries)."""
         try:
-            self.redis.rpush(keys.wake(self.settings.redis.key_prefix), 1)
+            self.redis.rpush(keys.wake(self.prefix), 1)
         except redis.RedisError:
             logger.warning("could not wake the dispatcher; it will find the work on its next tick")
 
     def deliver(self, ids: list[str]) -> None:
         """Send the deliveries ``ids`` that are still ours to send; record what happened."""
-        jobs = self._take(ids)
-        if not jobs:
+        batch = self._take(ids)
+        if batch is None:
             return
-        results = self.loop.run_until_complete(self._send_all(jobs))
-        self._record(results)
+        try:
+            results = self.loop.run_until_complete(self._send_all(batch))
+            self._record(results, batch.lease_until)
+        finally:
+            if batch.slots is not None:
+                batch.slots.release()
 
-    async def _send_all(self, jobs: list[Job]) -> list[Result]:
-        limits = {j.delivery.endpoint_id: j.max_concurrency for j in jobs if j.max_concurrency}
-        gates = {endpoint_id: asyncio.Semaphore(n) for endpoint_id, n in limits.items() if endpoint_id}
-        return list(await asyncio.gather(*(self._send(job, gates.get(job.delivery.endpoint_id or "")) for job in jobs)))
+    # ------------------------------------------------------------------ take
 
-    def _take(self, ids: list[str]) -> list[Job]:
+    def _take(self, ids: list[str]) -> Batch | None:
         now = utcnow()
         lease_until = now + timedelta(seconds=self.settings.dispatch.lease_s)
-        with self.sessions() as session, session.begin():
+        with self.engine.begin() as conn:
             # Only rows the dispatcher handed out (queued, no due_at) are taken: a duplicate
             # message for rows that are already sending, finished or due again finds nothing.
-            taken = list(
-                session.scalars(
-                    update(Delivery)
-                    .where(Delivery.id.in_(ids), Delivery.state == DeliveryState.queued, Delivery.due_at.is_(None))
-                    .values(state=DeliveryState.sending, lease_until=lease_until, updated_at=now)
-                    .returning(Delivery.id)
-                    .execution_options(synchronize_session=False)
+            rows = conn.execute(
+                update(_DELIVERIES)
+                .where(
+                    _DELIVERIES.c.id.in_(ids),
+                    _DELIVERIES.c.state == DeliveryState.queued,
+                    _DELIVERIES.c.due_at.is_(None),
                 )
-            )
-            if not taken:
-                return []
-            rows = session.execute(
-                select(Delivery, Event, Endpoint, Tenant)
-                .join(Event, Event.id == Delivery.event_id)
-                .join(Tenant, Tenant.id == Delivery.tenant_id)
-                .outerjoin(Endpoint, Endpoint.id == Delivery.endpoint_id)
-                .where(Delivery.id.in_(taken))
+                .values(state=DeliveryState.sending, lease_until=lease_until, updated_at=now)
+                .returning(*_TAKEN_COLUMNS)
             ).all()
-            secrets = queries.active_secrets(
-                session=session, endpoint_ids=list({e.id for _, _, e, _ in rows if e is not None}), now=now
-            )
-            jobs: list[Job] = []
-            finished: list[dict[str, Any]] = []
-            for delivery, event, endpoint, tenant in rows:
-                if delivery.deliver_by is not None and delivery.deliver_by <= now:
-                    finished.append(_finish(delivery, DeliveryState.expired, "deliver_by passed before sending", now))
-                    continue
-                message, problem = self._message(delivery, event, endpoint, secrets)
-                if message is None:
-                    finished.append(_finish(delivery, DeliveryState.dead, problem, now))
-                    continue
-                policy = RetryPolicy.from_settings(
-                    self.settings.retry, max_attempts=tenant.retry_max_attempts, window_s=tenant.retry_window_s
-                )
-                jobs.append(Job(delivery, policy, message, endpoint.max_concurrency if endpoint else None))
-            jobs = self._rate_limit(session, self._respect_pauses(session, jobs, now), rows, now)
-            if finished:
-                session.execute(update(Delivery), finished)
-        return jobs
+            if not rows:
+                return None
+            taken = [Taken(*row) for row in rows]
+            jobs, finished = self._jobs(conn, taken, now)
+            batch = Batch(jobs, lease_until)
+            held = self._pace(conn, batch, now)
+            _write_states(conn, finished + held)
+        return batch
 
-    def _publish(self, changes: list[tuple[Delivery, str]]) -> None:
-        try:
-            publish_states(self.redis, prefix=self.settings.redis.key_prefix, changes=changes)
-        except redis.RedisError:
-            logger.warning("could not publish state changes to live timelines")
+    def _jobs(self, conn: Connection, taken: list[Taken], now: datetime) -> tuple[list[Job], list[tuple[Any, ...]]]:
+        """The job of each taken delivery, and the rows that end here (expired, unsendable)."""
+        events = {
+            row.id: row
+            for row in conn.execute(
+                select(_EVENTS.c.id, _EVENTS.c.type, _EVENTS.c.subject, _EVENTS.c.created_at, _EVENTS.c.data).where(
+                    _EVENTS.c.id.in_({t.event_id for t in taken})
+                )
+            )
+        }
+        endpoint_ids = list({t.endpoint_id for t in taken if t.endpoint_id})
+        endpoints = (
+            {
+                row.id: row
+                for row in conn.execute(
+                    select(_ENDPOINTS.c.id, _ENDPOINTS.c.url, _ENDPOINTS.c.enabled).where(
+                        _ENDPOINTS.c.id.in_(endpoint_ids)
+                    )
+                )
+            }
+            if endpoint_ids
+            else {}
+        )
+        secrets = queries.active_secrets(session=conn, endpoint_ids=endpoint_ids, now=now) if endpoint_ids else {}
+        policies = {
+            row.id: RetryPolicy.from_settings(
+                self.settings.retry, max_attempts=row.retry_max_attempts, window_s=row.retry_window_s
+            )
+            for row in conn.execute(
+                select(_TENANTS.c.id, _TENANTS.c.retry_max_attempts, _TENANTS.c.retry_window_s).where(
+                    _TENANTS.c.id.in_({t.tenant_id for t in taken})
+                )
+            )
+        }
+        jobs: list[Job] = []
+        finished: list[tuple[Any, ...]] = []
+        for delivery in taken:
+            if delivery.deliver_by is not None and delivery.deliver_by <= now:
+                finished.append(_finish(delivery, DeliveryState.expired, "deliver_by passed before sending", now))
+                continue
+            endpoint = endpoints.get(delivery.endpoint_id or "")
+            message, problem = self._message(delivery, events[delivery.event_id], endpoint, secrets)
+            if message is None:
+                finished.append(_finish(delivery, DeliveryState.dead, problem, now))
+                continue
+            jobs.append(Job(delivery, policies[delivery.tenant_id], message))
+        return jobs, finished
 
     def _message(
-        self, delivery: Delivery, event: Event, endpoint: Endpoint | None, secrets: dict[str, list[str]]
+        self, delivery: Taken, event: Any, endpoint: Any, secrets: dict[str, list[str]]
     ) -> tuple[Message | None, str]:
         """The message to send for ``delivery``, or None and why it cannot be sent."""
         content = delivery.content or {}
@@ -210,106 +314,103 @@ class Runtime:
 
     def _otp_code(self, delivery_id: str) -> str | None:
         # A Redis error fails the task: the lease runs out and the reconciler tries again.
-        raw = self.redis.get(otp_key(self.settings.redis.key_prefix, delivery_id))
+        raw = self.redis.get(otp_key(self.prefix, delivery_id))
         if raw is None:
             return None
         return raw.decode() if isinstance(raw, bytes) else str(raw)
 
-    def _respect_pauses(self, session: Session, jobs: list[Job], now: datetime) -> list[Job]:
-        """Hold back deliveries to endpoints that recently answered 429/503 until the pause ends.
+    def _pace(self, conn: Connection, batch: Batch, now: datetime) -> list[tuple[Any, ...]]:
+        """Hold back what endpoints cannot take now; returns the held rows' new state.
 
-        The pause lives in Redis, so every worker slows down for a struggling receiver, not only
-        the one that got the answer; held deliveries keep their attempt count.
+        Held deliveries go back to due ``HOLD_S`` later (or when a pause ends) and keep their
+        attempt count: being paced is not a failed attempt.
         """
-        endpoint_ids = sorted({j.delivery.endpoint_id for j in jobs if j.delivery.endpoint_id})
+        endpoint_ids = {j.delivery.endpoint_id for j in batch.jobs if j.delivery.endpoint_id}
         if not endpoint_ids:
-            return jobs
-        prefix = self.settings.redis.key_prefix
-        try:
-            raw = self.redis.mget([keys.pause(prefix, e) for e in endpoint_ids])
-        except redis.RedisError:
-            return jobs
-        until = {e: float(v) for e, v in zip(endpoint_ids, raw, strict=True) if v is not None}
-        paused = {e: t for e, t in until.items() if t > now.timestamp()}
-        if not paused:
-            return jobs
-        kept: list[Job] = []
-        held: list[dict[str, Any]] = []
-        for job in jobs:
+            return []
+        limits = conn.execute(
+            select(_ENDPOINTS.c.id, _ENDPOINTS.c.max_rate_per_s, _ENDPOINTS.c.max_concurrency).where(
+                _ENDPOINTS.c.id.in_(endpoint_ids),
+                (_ENDPOINTS.c.max_rate_per_s.is_not(None)) | (_ENDPOINTS.c.max_concurrency.is_not(None)),
+            )
+        ).all()
+        paused = self.pacing.paused_until(endpoint_ids)
+        if not limits and not paused:
+            return []
+        rates = {row.id: row.max_rate_per_s for row in limits if row.max_rate_per_s}
+        concurrency = {row.id: row.max_concurrency for row in limits if row.max_concurrency}
+        held: list[tuple[Any, ...]] = []
+        kept = []
+        for job in batch.jobs:
             resume = paused.get(job.delivery.endpoint_id or "")
             if resume is None:
                 kept.append(job)
             else:
-                due = datetime.fromtimestamp(resume, now.tzinfo)
-                held.append({"id": job.delivery.id, "state": DeliveryState.queued, "due_at": due, "lease_until": None})
-        session.execute(update(Delivery), held)
-        return kept
-
-    def _pause(self, results: list[Result]) -> None:
-        """Start (or extend) an endpoint's pause after it answered 429 or 503."""
-        pauses: dict[str, float] = {}
-        for result in results:
-            error = result.error
-            endpoint_id = result.job.delivery.endpoint_id
-            if endpoint_id and isinstance(error, TransientChannelError) and error.status_code in (429, 503):
-                wait_s = min(max(error.retry_after_s or 1.0, 0.1), MAX_PAUSE_S)
-                pauses[endpoint_id] = max(pauses.get(endpoint_id, 0.0), wait_s)
-        if not pauses:
-            return
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            for endpoint_id, wait_s in pauses.items():
-                pipe.set(keys.pause(self.settings.redis.key_prefix, endpoint_id), time.time() + wait_s,
-                         px=int(wait_s * 1000))  # fmt: skip
-            pipe.execute()
-        except redis.RedisError:
-            logger.warning("could not record an endpoint pause")
-
-    def _rate_limit(self, session: Session, jobs: list[Job], rows: Any, now: datetime) -> list[Job]:
-        """Hold back what would exceed an endpoint's ``max_rate_per_s`` this second."""
-        limits = {e.id: e.max_rate_per_s for _, _, e, _ in rows if e is not None and e.max_rate_per_s}
-        if not limits:
-            return jobs
-        wanted: Counter[str] = Counter(
-            e for e in (j.delivery.endpoint_id for j in jobs) if e is not None and e in limits
-        )
-        second = int(time.time())
-        allowed: dict[str, int] = {}
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            for endpoint_id, count in wanted.items():
-                key = keys.rate(self.settings.redis.key_prefix, endpoint_id, second)
-                pipe.incrby(key, count)
-                pipe.expire(key, 5)
-            totals = pipe.execute()[0::2]
-            for (endpoint_id, count), total in zip(wanted.items(), totals, strict=True):
-                allowed[endpoint_id] = max(0, limits[endpoint_id] - (int(total) - count))
-        except redis.RedisError:
-            return jobs  # Without Redis we cannot count; sending beats stalling.
-        kept: list[Job] = []
-        deferred: list[dict[str, Any]] = []
-        held: Counter[str] = Counter()
-        for job in jobs:
+                held.append(_hold(job.delivery, datetime.fromtimestamp(resume, UTC)))
+        wanted = Counter(j.delivery.endpoint_id for j in kept if j.delivery.endpoint_id)
+        admitted = self.pacing.admit_rate(Counter({e: n for e, n in wanted.items() if e in rates}), rates)
+        later: Counter[str] = Counter()
+        second = now.replace(microsecond=0)
+        jobs: list[Job] = []
+        for job in kept:
             endpoint_id = job.delivery.endpoint_id or ""
-            if endpoint_id in allowed:
-                if allowed[endpoint_id] > 0:
-                    allowed[endpoint_id] -= 1
+            if endpoint_id in admitted:
+                if admitted[endpoint_id] > 0:
+                    admitted[endpoint_id] -= 1
                 else:
-                    wait_s = 1 + held[endpoint_id] // limits[endpoint_id]
-                    held[endpoint_id] += 1
-                    deferred.append(
-                        {
-                            "id": job.delivery.id,
-                            "state": DeliveryState.queued,
-                            "due_at": now.replace(microsecond=0) + timedelta(seconds=wait_s),
-                            "lease_until": None,
-                        }
-                    )
+                    # Spread what waits over the next seconds at the endpoint's rate.
+                    wait_s = 1 + later[endpoint_id] // rates[endpoint_id]
+                    later[endpoint_id] += 1
+                    held.append(_hold(job.delivery, second + timedelta(seconds=wait_s)))
                     continue
-            kept.append(job)
-        if deferred:
-            session.execute(update(Delivery), deferred)
-        return kept
+            jobs.append(job)
+        if concurrency:
+            wanted = Counter(e for j in jobs if (e := j.delivery.endpoint_id or "") in concurrency)
+            slots = self.pacing.take_slots(wanted, concurrency, hold_s=self.settings.dispatch.lease_s)
+            batch.slots = slots
+            batch.gates = {e: asyncio.Semaphore(n) for e, n in slots.taken.items() if n > 0}
+            full = {e for e, n in slots.taken.items() if n == 0}
+            held += [_hold(j.delivery, now + timedelta(seconds=HOLD_S)) for j in jobs if j.delivery.endpoint_id in full]
+            jobs = [j for j in jobs if j.delivery.endpoint_id not in full]
+        batch.jobs = jobs
+        return held
+
+    # ------------------------------------------------------------------ send
+
+    async def _send_all(self, batch: Batch) -> list[Result]:
+        """Send every job concurrently; renew the lease (and slots) while a long batch runs."""
+        gates = batch.gates or {}
+        sends = asyncio.gather(*(self._send(job, gates.get(job.delivery.endpoint_id or "")) for job in batch.jobs))
+        renew_every_s = self.settings.dispatch.lease_s / 3
+        while True:
+            done, _ = await asyncio.wait({sends}, timeout=renew_every_s)
+            if done:
+                return list(sends.result())
+            batch.lease_until = self._renew(batch)
+
+    def _renew(self, batch: Batch) -> datetime:
+        """Extend the lease on the batch's rows that are still ours; returns the new lease."""
+        now = utcnow()
+        lease_until = now + timedelta(seconds=self.settings.dispatch.lease_s)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    update(_DELIVERIES)
+                    .where(
+                        _DELIVERIES.c.id.in_([j.delivery.id for j in batch.jobs]),
+                        _DELIVERIES.c.state == DeliveryState.sending,
+                        _DELIVERIES.c.lease_until == batch.lease_until,
+                    )
+                    .values(lease_until=lease_until, updated_at=now)
+                )
+        except Exception:
+            # Without a renewed lease the reconciler may hand the rows to another worker: a
+            # duplicate send, never a lost one. Recording still checks the lease we hold.
+            logger.exception("could not renew the lease of a batch still sending")
+            return batch.lease_until
+        if batch.slots is not None:
+            batch.slots.renew(self.settings.dispatch.lease_s)
+        return lease_until
 
     async def _send(self, job: Job, gate: asyncio.Semaphore | None = None) -> Result:
         if gate is not None:
@@ -335,101 +436,107 @@ class Runtime:
         latency_ms = int((time.perf_counter() - start) * 1000)
         return Result(job, started_at, latency_ms, sent, error)
 
-    def _record(self, results: list[Result]) -> None:
+    # ------------------------------------------------------------------ record
+
+    def _record(self, results: list[Result], lease_until: datetime) -> None:
         now = utcnow()
-        attempts: list[dict[str, Any]] = []
-        updates: list[dict[str, Any]] = []
-        disable: list[str] = []
+        attempts: list[tuple[Any, ...]] = []
+        updates: list[tuple[Any, ...]] = []
+        disable: set[str] = set()
+        pauses: dict[str, float] = {}
+        changes: list[tuple[Taken, str]] = []
         for result in results:
             delivery = result.job.delivery
+            error = result.error
             number = delivery.attempts + 1
             first = delivery.first_attempt_at or result.started_at
             decision = result.job.policy.decide(
-                attempt=number,
-                error=result.error,
-                now=now,
-                first_attempt_at=first,
-                deliver_by=delivery.deliver_by,
+                attempt=number, error=error, now=now, first_attempt_at=first, deliver_by=delivery.deliver_by,
                 rng=self.rng,
-            )
-            status_code = result.sent.status_code if result.sent else result.error.status_code if result.error else None
-            error_text = redact(result.error.message, limit=300) if result.error else None
+            )  # fmt: skip
+            status_code = result.sent.status_code if result.sent else error.status_code if error else None
+            error_text = redact(error.message, limit=300) if error else None
+            provider = result.sent.provider if result.sent else error.provider if error else None
             attempts.append(
-                {
-                    "delivery_id": delivery.id,
-                    "number": number,
-                    "started_at": result.started_at,
-                    "latency_ms": result.latency_ms,
-                    "status_code": status_code,
-                    "outcome": decision.action.value,
-                    "error": error_text,
-                    "decision": redact(decision.reason, limit=300),
-                    "provider": (
-                        result.sent.provider if result.sent else result.error.provider if result.error else None
-                    ),
-                }
-            )
-            state = {
-                Action.delivered: DeliveryState.delivered,
-                Action.retry: DeliveryState.retrying,
-                Action.dead: DeliveryState.dead,
-                Action.expired: DeliveryState.expired,
-            }[decision.action]
+                (delivery.id, number, result.started_at, result.latency_ms, status_code, decision.action.value,
+                 error_text, redact(decision.reason, limit=300), provider)
+            )  # fmt: skip
+            state = _STATES[decision.action]
             updates.append(
-                {
-                    "id": delivery.id,
-                    "state": state,
-                    "attempts": number,
-                    "first_attempt_at": first,
-                    "due_at": decision.due_at,
-                    "lease_until": None,
-                    "last_status_code": status_code,
-                    "last_error": error_text,
-                    "updated_at": now,
-                    "finished_at": None if decision.action is Action.retry else now,
-                }
-            )
-            if isinstance(result.error, PermanentChannelError) and result.error.disable_endpoint:
-                disable.append(delivery.endpoint_id or "")
-        with self.sessions() as session, session.begin():
-            session.execute(insert(Attempt), attempts)
-            session.execute(update(Delivery), updates)
-            queries.disable_endpoints(
-                session=session, ids=[i for i in disable if i], reason="receiver answered 410 Gone"
-            )
-        self._pause(results)
-        self._publish([(r.job.delivery, u["state"]) for r, u in zip(results, updates, strict=True)])
+                (state, number, first, decision.due_at, None, status_code, error_text, now,
+                 None if decision.action is Action.retry else now, delivery.id, lease_until)
+            )  # fmt: skip
+            changes.append((delivery, state))
+            if isinstance(error, PermanentChannelError) and error.disable_endpoint and delivery.endpoint_id:
+                disable.add(delivery.endpoint_id)
+            if delivery.endpoint_id and isinstance(error, TransientChannelError) and error.status_code in (429, 503):
+                wait_s = error.retry_after_s if error.retry_after_s is not None else 1.0
+                pauses[delivery.endpoint_id] = max(pauses.get(delivery.endpoint_id, 0.0), wait_s)
+        with self.engine.begin() as conn:
+            insert_rows(conn, Attempt, _ATTEMPT_COLUMNS, attempts)
+            # Only where this worker still holds the lease: if the reconciler gave the row to
+            # another worker meanwhile, that worker's outcome is the one that counts.
+            update_rows(conn, Delivery, _RECORD_COLUMNS, updates, where=("id", "lease_until"),
+                        where_sql=f"state = '{DeliveryState.sending}'")  # fmt: skip
+            if disable:
+                _disable_endpoints(conn, sorted(disable), now)
+        self.pacing.pause(pauses)
+        self._publish(changes)
         try:
             record_latencies(
                 self.redis,
-                prefix=self.settings.redis.key_prefix,
+                prefix=self.prefix,
                 observations=[(r.job.delivery.lane, r.job.delivery.channel, r.latency_ms / 1000) for r in results],
             )
         except redis.RedisError:
             logger.warning("could not record attempt latencies")
 
+    def _publish(self, changes: Sequence[tuple[Taken, str]]) -> None:
+        try:
+            publish_states(self.redis, prefix=self.prefix, changes=changes)
+        except redis.RedisError:
+            logger.warning("could not publish state changes to live timelines")
 
-def publish_states(client: redis.Redis, *, prefix: str, changes: list[tuple[Delivery, str]]) -> None:
-    """Tell live timelines (SSE streams in any API process) that deliveries changed state."""
-    pipe = client.pipeline(transaction=False)
+
+def publish_states(client: redis.Redis, *, prefix: str, changes: Sequence[tuple[Taken, str]]) -> None:
+    """Tell live timelines (SSE streams in any API process) that deliveries changed state: one
+    message per tenant holding the list of its changes, whatever the batch size."""
+    by_tenant: dict[str, list[dict[str, str]]] = {}
     for delivery, state in changes:
         if delivery.subject:
-            payload = {"kind": "delivery", "subject": delivery.subject, "delivery_id": delivery.id,
-                       "event_id": delivery.event_id, "channel": delivery.channel, "state": str(state)}  # fmt: skip
-            pipe.publish(keys.timeline(prefix, delivery.tenant_id), json.dumps(payload))
+            by_tenant.setdefault(delivery.tenant_id, []).append(
+                {"kind": "delivery", "subject": delivery.subject, "delivery_id": delivery.id,
+                 "event_id": delivery.event_id, "channel": str(delivery.channel), "state": str(state)}
+            )  # fmt: skip
+    if not by_tenant:
+        return
+    pipe = client.pipeline(transaction=False)
+    for tenant_id, items in by_tenant.items():
+        pipe.publish(keys.timeline(prefix, tenant_id), json.dumps(items))
     pipe.execute()
 
 
-def _finish(delivery: Delivery, state: DeliveryState, reason: str, now: datetime) -> dict[str, Any]:
-    return {
-        "id": delivery.id,
-        "state": state,
-        "lease_until": None,
-        "due_at": None,
-        "last_error": reason,
-        "updated_at": now,
-        "finished_at": now,
-    }
+def _hold(delivery: Taken, due_at: datetime) -> tuple[Any, ...]:
+    """A delivery back to due at ``due_at``, attempts untouched (values of ``_STATE_COLUMNS`` + id)."""
+    return (DeliveryState.queued, due_at, None, None, None, utcnow(), delivery.id)
+
+
+def _finish(delivery: Taken, state: DeliveryState, reason: str, now: datetime) -> tuple[Any, ...]:
+    """A delivery ended before any attempt (values of ``_STATE_COLUMNS`` + id)."""
+    return (state, None, None, reason, now, now, delivery.id)
+
+
+def _write_states(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Held rows back to due, finished rows to their end state (both leave the lease)."""
+    update_rows(conn, Delivery, _STATE_COLUMNS, rows, where=("id",))
+
+
+def _disable_endpoints(conn: Connection, ids: list[str], now: datetime) -> None:
+    conn.execute(
+        update(_ENDPOINTS)
+        .where(_ENDPOINTS.c.id.in_(ids))
+        .values(enabled=False, disabled_reason="receiver answered 410 Gone", updated_at=now)
+    )
 
 
 _runtime: tuple[int, Runtime] | None = None

@@ -20,7 +20,7 @@ def healthz() -> dict[str, str]:
 def readyz(request: Request) -> dict[str, str] | Response:
     checks: dict[str, str] = {}
     try:
-        with request.app.state.sessions() as session:
+        with request.app.state.read_sessions() as session:
             session.execute(text("SELECT 1"))
         checks["database"] = "ok"
     except Exception as exc:

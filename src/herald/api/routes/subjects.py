@@ -112,10 +112,12 @@ def stream(request: Request, tenant_id: str, subject: str) -> StreamingResponse:
                     if _heartbeat_due(request):
                         yield ": heartbeat\n\n"
                     continue
-                payload: dict[str, Any] = json.loads(message["data"])
-                if payload.get("subject") == subject:
-                    kind = payload.pop("kind", "delivery")
-                    yield f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
+                # One change, or a list of them (a worker publishes a batch's changes at once).
+                payload: dict[str, Any] | list[dict[str, Any]] = json.loads(message["data"])
+                for change in payload if isinstance(payload, list) else [payload]:
+                    if change.get("subject") == subject:
+                        kind = change.pop("kind", "delivery")
+                        yield f"event: {kind}\ndata: {json.dumps(change)}\n\n"
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
             await client.aclose()
@@ -145,7 +147,7 @@ def stream_timeline(
 ) -> StreamingResponse:
     # Authenticate in a session of its own: a stream lasts long, and must hold no database
     # transaction (on SQLite that would block every writer) while it does.
-    with request.app.state.sessions() as session:
+    with request.app.state.read_sessions() as session:
         tenant = get_tenant(session, authorization)
     return stream(request, tenant.id, subject)
 
