@@ -158,7 +158,8 @@ def beat(schedule_file: str | None) -> None:
     s.data_dir.mkdir(parents=True, exist_ok=True)
     app = make_celery(s)
     schedule = schedule_file or str((s.data_dir / "beat-schedule").resolve())
-    app.Beat(schedule=schedule, loglevel=s.log_level).run()
+    # TickScheduler stamps each message with the instant it was sent: the tick a worker claims.
+    app.Beat(schedule=schedule, scheduler="herald.scheduler.beat:TickScheduler", loglevel=s.log_level).run()
 
 
 # ------------------------------------------------------------------ tenants

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from herald.config import Settings
 from herald.intake import IntakePolicy, NewEvent
-from herald.scheduler.periodic import Job, claim_tick, clean_up
+from herald.scheduler.beat import sent_at as stamped_sent_at
+from herald.scheduler.periodic import Job, claim_tick, clean_up, finish_tick, tick_of
 from herald.scheduler.recurring import fire_due
 from herald.store.db import transaction
 from herald.store.models import utcnow
@@ -31,17 +33,23 @@ def _to_event(stored: dict[str, Any]) -> NewEvent:
     return new_event(EventIn.model_validate(stored))
 
 
-def run(settings: Settings, sessions: sessionmaker[Session], name: str) -> bool:
-    """Run job ``name`` for the current tick unless another beat's message already did."""
+def run(settings: Settings, sessions: sessionmaker[Session], name: str, *, sent_at: datetime | None = None) -> bool:
+    """Run job ``name`` for the tick its message was sent for, unless that tick already ran.
+
+    ``sent_at`` defaults to the stamp beat put on the message being run (``herald.scheduler.beat``),
+    and only without one (a message from an older beat) to this worker's clock. The claim and the
+    work commit together: a run that dies part-way leaves the tick to the redelivered message.
+    """
     job = jobs(settings).get(name)
     if job is None:
         logger.error("unknown periodic job %r", name)
         return False
     now = utcnow()
-    if not claim_tick(sessions=sessions, job=job, now=now):
-        logger.info("periodic %s: tick already run", name)
-        return False
+    tick = tick_of(job, sent_at or stamped_sent_at() or now)
     with transaction(sessions) as session:
+        if not claim_tick(session=session, job=job, tick=tick, now=now):
+            logger.info("periodic %s: tick %s already run", name, tick.isoformat())
+            return False
         if name == "recurring":
             policy = IntakePolicy(frozenset(settings.critical_categories), settings.smtp.unsubscribe_url)
             emitted = fire_due(session=session, now=now, policy=policy, to_event=_to_event)
@@ -54,4 +62,5 @@ def run(settings: Settings, sessions: sessionmaker[Session], name: str) -> bool:
                 idempotency_ttl_s=settings.scheduler.idempotency_ttl_s,
                 runs_ttl_s=max(7 * 86400.0, settings.scheduler.cleanup_every_s * 2),
             )
+        finish_tick(session=session, job=job, tick=tick, now=utcnow())
     return True
