@@ -18,9 +18,11 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
+from herald import live
 from herald.content.lookup import locale_chain
 from herald.content.render import RenderError, render_message
 from herald.errors import ConflictError, NotFoundError, ValidationError
+from herald.logs import redact
 from herald.scheduler.times import QuietHours, Relative, after_quiet_hours, resolve_relative
 from herald.store import queries
 from herald.store.ids import new_id
@@ -240,7 +242,7 @@ def _plan(
         for position, external_id in enumerate(event.recipients):
             if external_id not in found:
                 raise ValidationError(
-                    f"{where}recipients.{position}: no such recipient, got {external_id!r}",
+                    f"{where}recipients.{position}: no such recipient, got {redact(repr(external_id))}",
                     field=f"{where}recipients.{position}",
                 )
         people = [found[e] for e in dict.fromkeys(event.recipients)]
@@ -416,10 +418,13 @@ def _replace_scheduled(session: Session, tenant_id: str, key: str, now: datetime
 
 
 def cancel(session: Session, ids: Sequence[str], now: datetime, *, reason: str) -> None:
+    """Cancel the deliveries ``ids``; live timelines hear of it once the session commits."""
     if ids:
-        session.execute(
+        rows = session.execute(
             update(Delivery)
             .where(Delivery.id.in_(list(ids)))
             .values(state=DeliveryState.canceled, due_at=None, finished_at=now, updated_at=now, last_error=reason)
+            .returning(Delivery.id, Delivery.tenant_id, Delivery.subject, Delivery.event_id, Delivery.channel)
             .execution_options(synchronize_session=False)
-        )
+        ).all()
+        live.note_deliveries(session, rows, DeliveryState.canceled)

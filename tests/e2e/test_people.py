@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from herald.config import Settings, SmsProviderSettings
 from herald.store.ids import new_id
 from herald.store.models import Delivery, Template, Tenant
-from tests.support import MailSink, Processes, SmsProvider, assert_problem, sqlite_database, wait_until
+from tests.support import MailSink, Processes, SmsProvider, assert_problem, row_counts, sqlite_database, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +100,8 @@ def test_events_reach_people_by_email_and_sms_per_preferences_and_locale(
     assert message["Subject"] == "Ticket ticket:4711: escalated"
     assert briefs[("cust-42", "email")]["id"] in message["Message-ID"]
     assert "Ihr Ticket ist jetzt escalated" in message.get_payload(decode=True).decode()  # de-AT -> de
-    assert message["List-Unsubscribe"].startswith("<https://bank.example/unsubscribe/")
+    assert message["List-Unsubscribe"].startswith("<https://bank.example/unsubscribe")
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     [sms] = sms_provider.to(PHONE)
     assert sms["text"] == "Ticket ticket:4711: escalated" and sms["reference"] == briefs[("cust-42", "sms")]["id"]
     assert not mail.to("quiet@example.com")
@@ -133,6 +134,7 @@ def test_critical_categories_ignore_opt_outs(
     assert answer.status_code == 202, answer.text
     wait_until(lambda: mail.to("opted@example.com"), what="the critical mail despite opt-out and quiet hours")
     assert "List-Unsubscribe" not in mail.to("opted@example.com")[0]
+    assert "List-Unsubscribe-Post" not in mail.to("opted@example.com")[0]
 
 
 def test_otp_is_sent_verified_once_and_never_stored_or_logged(
@@ -172,19 +174,31 @@ def test_otp_is_sent_verified_once_and_never_stored_or_logged(
         assert passcode not in processes.log(name) and PHONE not in processes.log(name)
 
 
-def test_otp_attempts_and_send_throttle(client: TestClient, auth: dict[str, str], settings: Settings) -> None:
+def test_otp_attempts_and_send_throttle(
+    client: TestClient, auth: dict[str, str], settings: Settings, sessions: sessionmaker[Session]
+) -> None:
     person(client, auth, "cust-51", phone=PHONE)
+    codes = redis.Redis.from_url(settings.redis_url)
+
+    def waiting_codes() -> int:
+        return len(codes.keys(f"{settings.redis.key_prefix}:otp:*"))
+
     for _ in range(settings.otp.sends_per_window):
         assert client.post("/v1/otp", json={"recipient": "cust-51", "channel": "sms"}, headers=auth).status_code == 202
+    before, codes_before = row_counts(sessions), waiting_codes()
+    assert codes_before == settings.otp.sends_per_window
     throttled = client.post("/v1/otp", json={"recipient": "cust-51", "channel": "sms"}, headers=auth)
     assert_problem(throttled, 429, "rate_limited", "recipient")
     assert int(throttled.headers["Retry-After"]) > 0
-    for _ in range(settings.otp.max_attempts):
-        client.post("/v1/otp/verify", json={"recipient": "cust-51", "code": "123456"}, headers=auth)
-    locked = client.post("/v1/otp/verify", json={"recipient": "cust-51", "code": "123456"}, headers=auth)
-    assert_problem(locked, 429, "rate_limited", "code")
     no_email = client.post("/v1/otp", json={"recipient": "cust-51", "channel": "email"}, headers=auth)
     assert_problem(no_email, 422, "validation_error", "channel")
+    assert (row_counts(sessions), waiting_codes()) == (before, codes_before)  # neither wrote a row nor a code
+
+    wrong = [client.post("/v1/otp/verify", json={"recipient": "cust-51", "code": "123456"}, headers=auth)
+             for _ in range(settings.otp.max_attempts + 1)]  # fmt: skip
+    bodies = [assert_problem(answer, 422, "otp_invalid", "code") for answer in wrong]
+    assert all(body == bodies[0] for body in bodies)  # locked or wrong: no difference to see
+    assert row_counts(sessions) == before
 
 
 def test_an_otp_past_its_deadline_or_without_its_code_is_never_sent_nor_replayed(
@@ -214,5 +228,5 @@ def test_an_otp_past_its_deadline_or_without_its_code_is_never_sent_nor_replayed
     wait_until(lambda: state(late["delivery_id"]) == "expired", what="the late passcode to expire")
     wait_until(lambda: state(lost["delivery_id"]) == "dead", what="the lost passcode to be dead")
     replay = client.post("/v1/dead-letters/replay", json={"ids": [lost["delivery_id"]]}, headers=auth).json()
-    assert replay == {"replayed": [], "skipped": [lost["delivery_id"]]}
+    assert (replay["replayed"], replay["skipped"]) == ([], [lost["delivery_id"]])
     assert sms_provider.to(PHONE) == []

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from herald.store.models import Delivery
+from herald import keys
+from herald.api.app import create_app
+from herald.config import Settings
+from herald.store.models import Delivery, OtpCode, Recipient, utcnow
 from tests.support import assert_problem, row_counts
 
 
@@ -138,12 +143,13 @@ def test_recurring_lifecycle(client: TestClient, auth: dict[str, str]) -> None:
 @pytest.mark.parametrize(
     ("path", "body", "status", "code", "field"),
     [
-        ("/v1/otp", {"recipient": "nobody", "channel": "sms"}, 404, "not_found", "external_id"),
+        ("/v1/otp", {"recipient": "nobody", "channel": "sms"}, 404, "not_found", "recipient"),
         ("/v1/otp", {"recipient": "cust-5", "channel": "pigeon"}, 422, "validation_error", "channel"),
         ("/v1/otp", {"recipient": "cust-5", "channel": "sms", "purpose": "Log In"}, 422, "validation_error", "purpose"),
         ("/v1/otp", {"recipient": "cust-5", "channel": "sms", "code": "123456"}, 422, "validation_error", "code"),
         ("/v1/otp/verify", {"recipient": "cust-5", "code": "12ab56"}, 422, "validation_error", "code"),
         ("/v1/otp/verify", {"recipient": "cust-5", "code": "123456"}, 422, "otp_invalid", "code"),
+        ("/v1/otp/verify", {"recipient": "nobody", "code": "123456"}, 422, "otp_invalid", "code"),
     ],
 )
 def test_bad_otp_requests(
@@ -167,3 +173,125 @@ def test_schedule_key_paths_are_validated(client: TestClient, auth: dict[str, st
         client.get("/v1/schedules", params={"prefix": "a b"}, headers=auth), 422, "validation_error", "prefix"
     )
     assert_problem(client.delete("/v1/schedules/unknown", headers=auth), 404, "not_found", "key")
+
+
+# ------------------------------------------------------------------ personal data in answers
+
+ADDRESS = "dana.customer@example.com"
+
+
+def test_answers_never_echo_an_address_used_as_an_id(
+    client: TestClient, auth: dict[str, str], sessions: sessionmaker[Session]
+) -> None:
+    """A tenant's id for a person may be an email address or a phone number: errors mask it."""
+    client.put("/v1/templates/a.b/email/default", json={"subject": "S", "text": "T"}, headers=auth)
+    before = row_counts(sessions)
+    answers = [
+        (client.get(f"/v1/recipients/{ADDRESS}", headers=auth), 404, "not_found", "external_id"),
+        (client.delete(f"/v1/recipients/{ADDRESS}", headers=auth), 404, "not_found", "external_id"),
+        (client.get("/v1/recipients/4915123456789", headers=auth), 404, "not_found", "external_id"),
+        (client.post("/v1/events", json={"type": "a.b", "recipients": [ADDRESS]}, headers=auth),
+         422, "validation_error", "recipients.0"),
+        (client.post("/v1/otp", json={"recipient": ADDRESS, "channel": "sms"}, headers=auth),
+         404, "not_found", "recipient"),
+        (client.post("/v1/otp/verify", json={"recipient": ADDRESS, "code": "123456"}, headers=auth),
+         422, "otp_invalid", "code"),
+        (client.post("/v1/templates/preview", json={"channel": "sms", "text": "t", "recipient": ADDRESS},
+                     headers=auth), 404, "not_found", "recipient"),
+    ]  # fmt: skip
+    for answer, status, code, field in answers:
+        assert_problem(answer, status, code, field)
+        assert ADDRESS not in answer.text and "dana.customer" not in answer.text and "4915123456789" not in answer.text
+    assert "***@***" in answers[0][0].json()["detail"]  # masked, not dropped: the shape still helps
+    assert row_counts(sessions) == before
+
+
+def test_a_passcode_timeline_is_named_by_herald_id_not_the_person(
+    client: TestClient, auth: dict[str, str], sessions: sessionmaker[Session]
+) -> None:
+    put(client, auth, ADDRESS, {"phone": "+4915123456789"})
+    sent = client.post("/v1/otp", json={"recipient": ADDRESS, "channel": "sms"}, headers=auth)
+    assert sent.status_code == 202, sent.text
+    with sessions() as session:
+        recipient_id = session.scalar(select(Recipient.id).where(Recipient.external_id == ADDRESS))
+        delivery = session.scalar(select(Delivery).where(Delivery.id == sent.json()["delivery_id"]))
+    assert sent.json()["subject"] == f"otp:{recipient_id}"
+    assert delivery is not None and delivery.subject == f"otp:{recipient_id}"
+    timeline = client.get(f"/v1/subjects/otp:{recipient_id}/timeline", headers=auth).json()
+    assert [e["type"] for e in timeline["events"]] == ["otp.login"]
+    assert ADDRESS not in str(timeline["subject"]) + str([e["type"] for e in timeline["events"]])
+
+
+# ------------------------------------------------------------------ passcodes
+
+
+def otp_code(settings: Settings, delivery_id: str) -> str:
+    """The plaintext the worker would put in the message (it waits in Redis, never in the database)."""
+    raw = redis.Redis.from_url(settings.redis_url).get(keys.otp_code(settings.redis.key_prefix, delivery_id))
+    assert raw is not None
+    return raw.decode()
+
+
+def test_every_failed_verification_answers_alike(
+    client: TestClient, auth: dict[str, str], sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    """No passcode, wrong, expired, used, locked, unknown person: one answer, so guessing learns nothing."""
+    put(client, auth, "cust-60", {"phone": "+4915123456789"})
+
+    def verify(code: str, recipient: str = "cust-60", purpose: str = "login") -> Any:
+        body = {"recipient": recipient, "code": code, "purpose": purpose}
+        return client.post("/v1/otp/verify", json=body, headers=auth)
+
+    def wrong(code: str) -> str:
+        return "000000" if code != "000000" else "111111"
+
+    failures = [verify("123456"), verify("123456", recipient="nobody")]  # no passcode; no such person
+    sent = client.post("/v1/otp", json={"recipient": "cust-60", "channel": "sms"}, headers=auth).json()
+    code = otp_code(settings, sent["delivery_id"])
+    failures.append(verify(wrong(code)))
+    assert verify(code).status_code == 200
+    failures.append(verify(code))  # used
+    expired = client.post("/v1/otp", json={"recipient": "cust-60", "channel": "sms", "purpose": "pay"}, headers=auth)
+    with sessions() as session, session.begin():
+        session.execute(update(OtpCode).where(OtpCode.id == expired.json()["id"]).values(expires_at=utcnow()))
+    failures.append(verify(otp_code(settings, expired.json()["delivery_id"]), purpose="pay"))
+    locked = client.post("/v1/otp", json={"recipient": "cust-60", "channel": "sms", "purpose": "x"}, headers=auth)
+    locked_code = otp_code(settings, locked.json()["delivery_id"])
+    for _ in range(settings.otp.max_attempts):
+        failures.append(verify(wrong(locked_code), purpose="x"))
+    failures.append(verify(locked_code, purpose="x"))  # the right code, too late
+
+    bodies = [assert_problem(answer, 422, "otp_invalid", "code") for answer in failures]
+    assert all(body == bodies[0] for body in bodies), {body["detail"] for body in bodies}
+    with sessions() as session:
+        attempts = session.scalar(select(OtpCode.attempts).where(OtpCode.id == locked.json()["id"]))
+    assert attempts == settings.otp.max_attempts  # wrong codes counted; the locked one is refused
+
+
+def test_the_send_throttle_holds_under_concurrent_requests(
+    settings: Settings, auth: dict[str, str], sessions: sessionmaker[Session]
+) -> None:
+    """Requests racing through two API processes never get more than the window's passcodes out."""
+    limit, racers = settings.otp.sends_per_window, 3 * settings.otp.sends_per_window
+    apps = [create_app(settings) for _ in range(2)]
+    with TestClient(apps[0]) as first, TestClient(apps[1]) as second:
+        assert put(first, auth, "cust-61", {"phone": "+4915123456789"}).status_code == 201
+        start = threading.Barrier(racers)
+        statuses: list[int] = []
+
+        def request(client: TestClient) -> None:
+            start.wait(10)
+            answer = client.post("/v1/otp", json={"recipient": "cust-61", "channel": "sms"}, headers=auth)
+            statuses.append(answer.status_code)
+
+        threads = [threading.Thread(target=request, args=((first, second)[i % 2],)) for i in range(racers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    for app in apps:
+        app.state.engine.dispose()
+        app.state.redis.close()
+    assert sorted(statuses) == [202] * limit + [429] * (racers - limit)
+    counts = row_counts(sessions)
+    assert (counts["otp_codes"], counts["deliveries"], counts["events"]) == (limit, limit, limit)

@@ -11,7 +11,7 @@ import redis
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from herald import __version__, keys
+from herald import __version__, keys, live
 from herald.api import problems
 from herald.api.limits import BodyLimit
 from herald.api.routes import (
@@ -31,7 +31,7 @@ from herald.config import LANES, Settings
 from herald.intake import IntakePolicy
 from herald.links import link_key
 from herald.metrics import HeraldCollector
-from herald.store.db import make_engine, make_sessionmaker, reader
+from herald.store.db import make_engine, make_sessionmaker
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = make_sessionmaker(engine)
-    app.state.read_sessions = make_sessionmaker(reader(engine))  # GET requests, metrics, streams
     app.state.redis = make_redis(settings)
     app.state.allow_networks = [ipaddress.ip_network(n, strict=False) for n in settings.webhook.allow_networks]
     wake_key = keys.wake(settings.redis.key_prefix)
@@ -67,6 +66,7 @@ def create_app(settings: Settings) -> FastAPI:
         critical_categories=frozenset(settings.critical_categories), unsubscribe_url=settings.smtp.unsubscribe_url
     )
     prefix = settings.redis.key_prefix
+    live.install(app.state.sessions, app.state.redis, prefix)  # cancellations, replays, passcodes
 
     def announce(tenant_id: str, answers: list[dict[str, Any]]) -> None:
         """Tell live timelines about new events (best effort: the timeline itself reads the database)."""
@@ -85,7 +85,7 @@ def create_app(settings: Settings) -> FastAPI:
     registry = CollectorRegistry()
     registry.register(
         HeraldCollector(
-            sessions=app.state.read_sessions, client=app.state.redis, prefix=settings.redis.key_prefix, lanes=LANES
+            sessions=app.state.sessions, client=app.state.redis, prefix=settings.redis.key_prefix, lanes=LANES
         )
     )
     app.state.registry = registry

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from herald.api.deps import SessionDep, TenantDep
-from herald.errors import OtpError, RateLimitedError
+from herald.errors import OtpError
 from herald.otp import request_otp, verify_otp
 from herald.store.models import utcnow
 
@@ -27,8 +27,11 @@ class OtpIn(BaseModel):
 
 
 class OtpOut(BaseModel):
+    """``subject`` is the passcode's timeline (``otp:<recipient's Herald id>``), never an address."""
+
     id: str
     delivery_id: str
+    subject: str
     channel: str
     expires_at: datetime
 
@@ -47,7 +50,10 @@ class VerifyOut(BaseModel):
 
 @router.post("", status_code=202, response_model=OtpOut)
 def create_otp(body: OtpIn, request: Request, session: SessionDep, tenant: TenantDep) -> OtpOut:
-    """Send a new passcode; answers once its delivery is committed (the code is never returned)."""
+    """Send a new passcode; answers once its delivery is committed (the code is never returned).
+
+    429 when the recipient had too many passcodes in the throttling window (``Retry-After``).
+    """
     settings = request.app.state.settings
     sent = request_otp(
         session=session,
@@ -62,12 +68,15 @@ def create_otp(body: OtpIn, request: Request, session: SessionDep, tenant: Tenan
     )
     session.commit()
     request.app.state.wake()
-    return OtpOut(id=sent.id, delivery_id=sent.delivery_id, channel=sent.channel, expires_at=sent.expires_at)
+    return OtpOut(
+        id=sent.id, delivery_id=sent.delivery_id, subject=sent.subject, channel=sent.channel, expires_at=sent.expires_at
+    )
 
 
 @router.post("/verify", response_model=VerifyOut)
 def check_otp(body: VerifyIn, request: Request, session: SessionDep, tenant: TenantDep) -> VerifyOut:
-    """Accept the code once; wrong codes count against the passcode's attempts."""
+    """Accept the code once; wrong codes count against the passcode's attempts. Every failure is
+    the same 422 ``otp_invalid`` answer, so it tells a guesser nothing."""
     try:
         otp_id = verify_otp(
             session=session,
@@ -78,7 +87,7 @@ def check_otp(body: VerifyIn, request: Request, session: SessionDep, tenant: Ten
             code=body.code,
             now=utcnow(),
         )
-    except (OtpError, RateLimitedError):
+    except OtpError:
         session.commit()  # the counted attempt must stick even though the answer is an error
         raise
     session.commit()

@@ -8,11 +8,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, field_validator
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from herald import live
 from herald.api.deps import SessionDep, TenantDep
 from herald.api.schemas import TimeZone
+from herald.errors import NotFoundError
+from herald.logs import redact
 from herald.store import recipients as store
-from herald.store.models import Channel, Recipient, utcnow
+from herald.store.models import TERMINAL_STATES, Channel, Delivery, DeliveryState, Recipient, utcnow
 
 router = APIRouter(prefix="/v1/recipients", tags=["recipients"])
 
@@ -74,6 +79,14 @@ def _out(recipient: Recipient) -> RecipientOut:
     )
 
 
+def _find(session: Session, tenant_id: str, external_id: str) -> Recipient:
+    """The recipient, or 404 with the id masked (a tenant's id for a person may be an address)."""
+    recipient = store.find_recipient(session=session, tenant_id=tenant_id, external_id=external_id)
+    if recipient is None:
+        raise NotFoundError(f"external_id: no such recipient, got {redact(repr(external_id))}", field="external_id")
+    return recipient
+
+
 @router.put("/{external_id}", response_model=RecipientOut)
 def put_recipient(
     external_id: ExternalId, body: RecipientIn, response: Response, session: SessionDep, tenant: TenantDep
@@ -90,12 +103,20 @@ def put_recipient(
 
 @router.get("/{external_id}", response_model=RecipientOut)
 def read_recipient(external_id: ExternalId, session: SessionDep, tenant: TenantDep) -> RecipientOut:
-    return _out(store.get_recipient(session=session, tenant_id=tenant.id, external_id=external_id))
+    return _out(_find(session, tenant.id, external_id))
 
 
 @router.delete("/{external_id}", status_code=204)
 def delete_recipient(external_id: ExternalId, session: SessionDep, tenant: TenantDep) -> Response:
     """Forget the recipient: pending deliveries are canceled and stored addresses erased."""
+    recipient = _find(session, tenant.id, external_id)
+    # Locked, so the set canceled below is exactly the set live timelines are told about.
+    pending = session.execute(
+        select(Delivery.id, Delivery.tenant_id, Delivery.subject, Delivery.event_id, Delivery.channel)
+        .where(Delivery.recipient_id == recipient.id, Delivery.state.not_in(list(TERMINAL_STATES)))
+        .with_for_update()
+    ).all()
     store.delete_recipient(session=session, tenant_id=tenant.id, external_id=external_id, now=utcnow())
+    live.note_deliveries(session, pending, DeliveryState.canceled)
     session.commit()
     return Response(status_code=204)
