@@ -31,7 +31,7 @@ from herald.config import LANES, Settings
 from herald.intake import IntakePolicy
 from herald.links import link_key
 from herald.metrics import HeraldCollector
-from herald.store.db import make_engine, make_sessionmaker
+from herald.store.db import make_engine, make_sessionmaker, reader
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = make_sessionmaker(engine)
+    app.state.read_sessions = make_sessionmaker(reader(engine))  # GET requests, metrics, streams
     app.state.redis = make_redis(settings)
     app.state.allow_networks = [ipaddress.ip_network(n, strict=False) for n in settings.webhook.allow_networks]
     wake_key = keys.wake(settings.redis.key_prefix)
@@ -85,7 +86,7 @@ def create_app(settings: Settings) -> FastAPI:
     registry = CollectorRegistry()
     registry.register(
         HeraldCollector(
-            sessions=app.state.sessions, client=app.state.redis, prefix=settings.redis.key_prefix, lanes=LANES
+            sessions=app.state.read_sessions, client=app.state.redis, prefix=settings.redis.key_prefix, lanes=LANES
         )
     )
     app.state.registry = registry
