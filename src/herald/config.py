@@ -131,7 +131,10 @@ class SmtpSettings(BaseModel):
     sender: str = "Herald <herald@localhost>"
     timeout_s: float = Field(default=15.0, gt=0)
     outbox_dir: Path | None = None
+    # The public URL of Herald's one-click route (POST /v1/public/unsubscribe); without it,
+    # List-Unsubscribe is a mailto: to ``unsubscribe_mailto`` (default: the sender's address).
     unsubscribe_url: str = ""
+    unsubscribe_mailto: str = ""
 
 
 class SmsProviderSettings(BaseModel):

@@ -19,9 +19,11 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from herald import live
+from herald.config import Settings
 from herald.content.lookup import locale_chain
 from herald.content.render import RenderError, render_message
 from herald.errors import ConflictError, NotFoundError, ValidationError
+from herald.links import UnsubscribeLinks
 from herald.logs import redact
 from herald.scheduler.times import QuietHours, Relative, after_quiet_hours, resolve_relative
 from herald.store import queries
@@ -44,10 +46,23 @@ PERSON_CHANNELS = (Channel.email, Channel.sms)
 
 @dataclass(frozen=True)
 class IntakePolicy:
-    """Tenant-independent rules of intake, from settings."""
+    """Tenant-independent rules of intake, from settings.
+
+    ``unsubscribe`` builds the signed ``List-Unsubscribe`` headers of non-critical mail
+    (``unsubscribe.headers(...)``); ``unsubscribe_url`` is the older unsigned form it replaces.
+    """
 
     critical_categories: frozenset[str] = frozenset({"otp", "security"})
     unsubscribe_url: str = ""
+    unsubscribe: UnsubscribeLinks | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, link_key: bytes | None = None) -> IntakePolicy:
+        return cls(
+            critical_categories=frozenset(settings.critical_categories),
+            unsubscribe_url=settings.smtp.unsubscribe_url,
+            unsubscribe=UnsubscribeLinks.from_settings(settings, key=link_key),
+        )
 
 
 @dataclass(frozen=True)

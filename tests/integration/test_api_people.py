@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -14,6 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from herald import keys
 from herald.api.app import create_app
 from herald.config import Settings
+from herald.errors import AuthError
+from herald.links import LinkClaims, UnsubscribeLinks, sign_link, verify_unsubscribe
 from herald.store.models import Delivery, OtpCode, Recipient, utcnow
 from tests.support import assert_problem, row_counts
 
@@ -295,3 +299,154 @@ def test_the_send_throttle_holds_under_concurrent_requests(
     assert sorted(statuses) == [202] * limit + [429] * (racers - limit)
     counts = row_counts(sessions)
     assert (counts["otp_codes"], counts["deliveries"], counts["events"]) == (limit, limit, limit)
+
+
+# ------------------------------------------------------------------ one-click unsubscribe
+
+
+@pytest.fixture
+def links(client: TestClient) -> UnsubscribeLinks:
+    """The API's own link signer (the key every API process shares)."""
+    policy = client.app.state.intake_policy  # type: ignore[attr-defined]
+    assert policy.unsubscribe is not None
+    return policy.unsubscribe  # type: ignore[no-any-return]
+
+
+def subscribed_person(client: TestClient, auth: dict[str, str], sessions: sessionmaker[Session]) -> str:
+    """cust-70, with a ticket email waiting to be sent; returns the Herald id."""
+    put(client, auth, "cust-70", {"email": "c70@example.com", "preferences": {"ticket": {"sms": False}}})
+    client.put("/v1/templates/ticket.updated/email/default", json={"subject": "S", "text": "T"}, headers=auth)
+    pending = client.post(
+        "/v1/events", json={"type": "ticket.updated", "subject": "ticket:70", "recipients": ["cust-70"],
+                            "send_at": "2099-01-01T00:00:00Z"}, headers=auth,
+    )  # fmt: skip
+    assert pending.status_code == 202, pending.text
+    with sessions() as session:
+        return str(session.scalar(select(Recipient.id).where(Recipient.external_id == "cust-70")))
+
+
+def test_one_click_unsubscribe_turns_the_preference_off(
+    client: TestClient, auth: dict[str, str], sessions: sessionmaker[Session], links: UnsubscribeLinks
+) -> None:
+    recipient_id = subscribed_person(client, auth, sessions)
+    with sessions() as session:
+        tenant_id = str(session.scalar(select(Recipient.tenant_id).where(Recipient.id == recipient_id)))
+    token = links.token(
+        tenant_id=tenant_id, recipient_id=recipient_id, category="ticket", channel="email", now=utcnow()
+    )
+
+    page = client.get("/v1/public/unsubscribe", params={"token": token})
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'method="post"' in page.text and "ticket messages by email" in page.text
+    assert client.get("/v1/recipients/cust-70", headers=auth).json()["preferences"] == {"ticket": {"sms": False}}
+
+    def one_click() -> Any:  # what a mail client sends (RFC 8058 section 3.2), with no API key
+        return client.post(
+            "/v1/public/unsubscribe", params={"token": token}, content=b"List-Unsubscribe=One-Click",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )  # fmt: skip
+
+    answer = one_click()
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"category": "ticket", "channel": "email", "subscribed": False, "canceled": 1}
+    expected = {"ticket": {"sms": False, "email": False}}
+    assert client.get("/v1/recipients/cust-70", headers=auth).json()["preferences"] == expected
+    with sessions() as session:
+        states = session.scalars(select(Delivery.state).where(Delivery.recipient_id == recipient_id)).all()
+    assert states == ["canceled"]  # the waiting ticket mail is not sent either
+    later = client.post("/v1/events", json={"type": "ticket.updated", "recipients": ["cust-70"]}, headers=auth)
+    assert [d["state"] for d in later.json()["deliveries"]] == ["suppressed"]
+    assert one_click().json()["canceled"] == 0  # repeating it is harmless
+
+
+def test_bad_unsubscribe_tokens_are_refused_and_change_nothing(
+    client: TestClient,
+    auth: dict[str, str],
+    sessions: sessionmaker[Session],
+    links: UnsubscribeLinks,
+    settings: Settings,
+) -> None:
+    recipient_id = subscribed_person(client, auth, sessions)
+    with sessions() as session:
+        tenant_id = str(session.scalar(select(Recipient.tenant_id).where(Recipient.id == recipient_id)))
+    claims = {"tenant_id": tenant_id, "recipient_id": recipient_id, "category": "ticket", "channel": "email"}
+    good = links.token(**claims, now=utcnow())
+    payload, mac = good.split(".")
+    forged_payload = payload[:-2] + ("AA" if payload[-2:] != "AA" else "BB")
+    other_key = UnsubscribeLinks(key=b"someone else's key" * 2)
+    bad = {
+        "expired": links.token(**claims, now=utcnow() - timedelta(seconds=links.ttl_s + 1)),
+        "tampered payload": f"{forged_payload}.{mac}",
+        "tampered signature": f"{payload}.{mac[:-2]}{'AA' if mac[-2:] != 'AA' else 'BB'}",
+        "another key": other_key.token(**claims, now=utcnow()),
+        "a timeline link": sign_link(LinkClaims(tenant_id, "ticket:70", utcnow() + timedelta(hours=1)),
+                                     key=links.key),
+        "garbage": "not-a-token-at-all",
+    }  # fmt: skip
+    with pytest.raises(AuthError, match="expired"):
+        verify_unsubscribe(bad["expired"], key=links.key, now=utcnow())
+    before = row_counts(sessions)
+    with sessions() as session:
+        stored_before = session.execute(select(Recipient.preferences, Recipient.updated_at)).one()
+    for what, token in bad.items():
+        for method in (client.post, client.get):
+            answer = method("/v1/public/unsubscribe", params={"token": token})
+            body = assert_problem(answer, 401, "unauthorized", "token")
+            assert ("expired" in body["detail"]) == (what == "expired"), what
+    assert_problem(client.post("/v1/public/unsubscribe"), 422, "validation_error", "token")
+    assert row_counts(sessions) == before
+    with sessions() as session:
+        assert session.execute(select(Recipient.preferences, Recipient.updated_at)).one() == stored_before
+        assert session.scalars(select(Delivery.state)).all() == ["scheduled"]
+
+
+@pytest.fixture
+def unsubscribe_settings(settings: Settings) -> Settings:
+    url = "https://herald.bank.example/v1/public/unsubscribe"
+    return settings.model_copy(update={"smtp": settings.smtp.model_copy(update={"unsubscribe_url": url})})
+
+
+@pytest.fixture
+def signing_client(unsubscribe_settings: Settings) -> Iterator[TestClient]:
+    app = create_app(unsubscribe_settings)
+    with TestClient(app) as test_client:
+        yield test_client
+    app.state.engine.dispose()
+    app.state.redis.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="intake._deliveries (lead's file) still builds the unsigned link from unsubscribe_url; it must call "
+    "policy.unsubscribe.headers(...) instead (see the helper's report). Remove this mark when it does.",
+)
+def test_non_critical_mail_carries_a_signed_one_click_link(
+    signing_client: TestClient, auth: dict[str, str], sessions: sessionmaker[Session]
+) -> None:
+    client = signing_client
+    put(client, auth, "cust-71", {"email": "c71@example.com"})
+    for event_type in ("ticket.updated", "security.new_login"):
+        client.put(f"/v1/templates/{event_type}/email/default", json={"subject": "S", "text": "T"}, headers=auth)
+    sent = {
+        event_type: client.post("/v1/events", json={"type": event_type, "recipients": ["cust-71"]}, headers=auth)
+        for event_type in ("ticket.updated", "security.new_login")
+    }
+    with sessions() as session:
+        content = {
+            event_type: session.scalar(
+                select(Delivery.content).where(Delivery.id == answer.json()["deliveries"][0]["id"])
+            )
+            for event_type, answer in sent.items()
+        }
+        recipient_id = session.scalar(select(Recipient.id).where(Recipient.external_id == "cust-71"))
+    assert "headers" not in (content["security.new_login"] or {})  # critical: no way out
+    headers = (content["ticket.updated"] or {})["headers"]
+    assert headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    prefix = "<https://herald.bank.example/v1/public/unsubscribe?token="
+    assert headers["List-Unsubscribe"].startswith(prefix) and "cust-71" not in headers["List-Unsubscribe"]
+    token = headers["List-Unsubscribe"].removeprefix(prefix).removesuffix(">")
+    answer = client.post("/v1/public/unsubscribe", params={"token": token})
+    assert answer.status_code == 200, answer.text
+    with sessions() as session:
+        preferences = session.scalar(select(Recipient.preferences).where(Recipient.id == recipient_id))
+    assert preferences == {"ticket": {"email": False}}

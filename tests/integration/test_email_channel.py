@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage as MimeMessage
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ from herald.channels.base import EmailMessage, Sent
 from herald.channels.email import EmailChannel
 from herald.config import SmtpSettings
 from herald.errors import ChannelError, PermanentChannelError, TransientChannelError
+from herald.links import UnsubscribeClaims, UnsubscribeLinks, verify_unsubscribe
 from tests.support import free_port
 
 T = TypeVar("T")
@@ -225,6 +227,32 @@ def test_long_caller_headers_are_passed_verbatim(tmp_path: Path) -> None:
     assert mime["List-Unsubscribe"] == url
     assert mime["X-Greeting"] == "Grüezi mitenand"  # non-ASCII still goes as encoded words
     assert b"=?utf-8?" in content
+
+
+@pytest.mark.parametrize("url", ["https://herald.bank.example/v1/public/unsubscribe", ""])
+def test_signed_unsubscribe_headers_arrive_as_one_usable_line(tmp_path: Path, url: str) -> None:
+    """RFC 2369 / RFC 8058 headers as intake builds them: an https link with one-click POST, or
+    without a public URL a mailto: link (one-click needs https) whose subject carries the token."""
+    key, now = b"k" * 32, datetime.now(UTC)
+    links = UnsubscribeLinks(key=key, url=url, mailto="opt-out+desk@acme.example")
+    headers = links.headers(tenant_id="ten_1", recipient_id="rcp_01HX", category="ticket", channel="email", now=now)
+    recorder = Recorder()
+    with smtp_server(recorder) as server:
+        run(send_all(EmailChannel(smtp_settings(server.port), outbox_dir=tmp_path), message(headers=headers)))
+    content, mime = recorder.received[0].content, recorder.received[0].parsed()
+    value = mime["List-Unsubscribe"]
+    assert f"List-Unsubscribe: {value}\r\n".encode() in content  # one line, not folded into encoded words
+    if url:
+        assert value.startswith(f"<{url}?token=") and value.endswith(">")
+        assert mime["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        token = value.removeprefix(f"<{url}?token=").removesuffix(">")
+    else:
+        assert value.startswith("<mailto:opt-out%2Bdesk@acme.example?subject=unsubscribe%20") and value.endswith(">")
+        assert "List-Unsubscribe-Post" not in mime
+        token = value.removesuffix(">").rpartition("%20")[2]
+    claims = verify_unsubscribe(token, key=key, now=now)
+    assert claims == UnsubscribeClaims("ten_1", "rcp_01HX", "ticket", "email", claims.expires_at)
+    assert claims.expires_at > now + timedelta(days=300)
 
 
 def test_text_only_mail_is_a_single_part(tmp_path: Path) -> None:

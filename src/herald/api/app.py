@@ -26,6 +26,7 @@ from herald.api.routes import (
     schedules,
     subjects,
     templates,
+    unsubscribe,
 )
 from herald.config import LANES, Settings
 from herald.intake import IntakePolicy
@@ -63,9 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.state.wake = wake
     app.state.link_key = link_key(settings.link_secret.get_secret_value(), settings.data_dir)
-    app.state.intake_policy = IntakePolicy(
-        critical_categories=frozenset(settings.critical_categories), unsubscribe_url=settings.smtp.unsubscribe_url
-    )
+    app.state.intake_policy = IntakePolicy.from_settings(settings, link_key=app.state.link_key)
     prefix = settings.redis.key_prefix
     live.install(app.state.sessions, app.state.redis, prefix)  # cancellations, replays, passcodes
 
@@ -94,6 +93,7 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (endpoints, events, deliveries, recipients, templates, otp, subjects, schedules, recurring, ops):
         app.include_router(module.router)
     app.include_router(drops.router)
+    app.include_router(unsubscribe.router)
     app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
     return app
 
