@@ -1,13 +1,19 @@
-"""The operator CLI in real processes: tenants, keys and dead letters."""
+"""The operator CLI in real processes: migrations, tenants, keys and dead letters."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
@@ -15,7 +21,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from herald.cli import tenants
 from herald.config import Settings, get_settings
-from herald.store.models import Delivery, Tenant
+from herald.store import queries
+from herald.store.db import make_engine, make_sessionmaker, transaction
+from herald.store.migrate import alembic_config
+from herald.store.models import Base, Delivery, Tenant
+from tests.conftest import PG_ENV, PG_SKIP
 from tests.e2e.test_delivery import delivery, make_endpoint
 from tests.support import Processes, Receiver, row_counts, settings_env, sqlite_database, wait_until
 
@@ -158,3 +168,58 @@ def test_a_worker_honours_the_tenants_max_attempts(
     wait_until(lambda: dead(second), what="the second delivery to die")  # by then a third try would show
     assert receiver.calls[first] == receiver.calls[second] == 2
     assert receiver.bad_signatures == 0
+
+
+@pytest.fixture
+def fresh_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """``HERALD_*`` variables naming a database nobody has migrated: by default the SQLite file of
+    a data folder that does not exist yet, or a new, empty PostgreSQL database."""
+    env = {"HERALD_DATA_DIR": str(tmp_path / "new-data")}
+    if request.param == "sqlite":
+        yield env
+        return
+    admin = os.environ.get(PG_ENV)
+    if not admin:
+        pytest.skip(PG_SKIP)
+    import psycopg
+
+    name = f"herald_m_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield env | {"HERALD_DATABASE__URL": f"{admin.rsplit('/', 1)[0]}/{name}"}
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.parametrize(
+    "fresh_database", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_migrate_builds_a_fresh_database_and_running_it_again_is_harmless(fresh_database: dict[str, str]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")} | fresh_database
+    url = Settings(
+        data_dir=Path(env["HERALD_DATA_DIR"]), database={"url": env.get("HERALD_DATABASE__URL", "")}
+    ).database_url
+
+    def migrate() -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "herald.cli", "migrate"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert "database is up to date" in done.stdout
+
+    migrate()
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+            assert MigrationContext.configure(conn).get_current_revision() == head
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        with transaction(make_sessionmaker(engine)) as session:
+            queries.create_tenant(session=session, name="kept")
+        migrate()  # again: nothing to do, and nothing lost
+        with make_sessionmaker(engine)() as session:
+            assert [t.name for t in queries.list_tenants(session=session)] == ["kept"]
+        with engine.connect() as conn:
+            assert MigrationContext.configure(conn).get_current_revision() == head
+    finally:
+        engine.dispose()

@@ -62,9 +62,20 @@ class Up:
         rows = [line.strip().split(" ", 1) for line in out.stdout.splitlines() if line.strip()]
         return {int(pid): args for pid, args in rows}
 
-    def stop(self, timeout_s: float = 40) -> int:
+    def leftovers(self) -> list[str]:
+        """Processes anywhere on the machine still naming this data folder (a child that left
+        the supervisor's process group, such as a Redis started in a session of its own)."""
+        out = subprocess.run(["pgrep", "-af", self.env["HERALD_DATA_DIR"]], capture_output=True, text=True)
+        return out.stdout.splitlines()
+
+    def stop(self, timeout_s: float = 40, *, group: bool = False) -> int:
+        """SIGINT to the supervisor alone (``kill -INT``), or with ``group`` to its whole process
+        group, as Ctrl-C in a terminal does: every child then gets it at the same moment."""
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGINT)
+        if group:
+            os.killpg(self.proc.pid, signal.SIGINT)
+        else:
+            self.proc.send_signal(signal.SIGINT)
         code = self.proc.wait(timeout_s)
         return code
 
@@ -76,6 +87,11 @@ def up(tmp_path: Path) -> Iterator[Up]:
     if runner.proc is not None and runner.proc.poll() is None:
         os.killpg(runner.proc.pid, signal.SIGKILL)
         runner.proc.wait(10)
+    for line in runner.leftovers():  # after a failure, nothing of this test outlives it
+        try:
+            os.kill(int(line.split(" ", 1)[0]), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def post(up: Up, path: str, key: str, body: dict[str, object]) -> dict[str, object]:
@@ -85,7 +101,9 @@ def post(up: Up, path: str, key: str, body: dict[str, object]) -> dict[str, obje
 
 
 @pytest.mark.timeout(400)  # two cold starts of seven processes on a busy 2-core machine
-def test_herald_up_runs_restarts_stops_and_resumes(up: Up, receiver: Receiver) -> None:
+def test_herald_up_runs_restarts_stops_on_ctrl_c_and_resumes(up: Up, receiver: Receiver) -> None:
+    """Both ways of stopping are covered by this one run (a cold start costs tens of seconds):
+    the first stop is a terminal's Ctrl-C (SIGINT to the whole group), the second ``kill -INT``."""
     up.start()
     assert (Path(up.env["HERALD_DATA_DIR"]) / "herald.db").exists()
     key = re.search(r"(hk_\S+)", up.cli("tenants", "create", "clinic"))
@@ -111,9 +129,21 @@ def test_herald_up_runs_restarts_stops_and_resumes(up: Up, receiver: Receiver) -
     second_id = second["deliveries"][0]["id"]  # type: ignore[index]
     wait_until(lambda: second_id in receiver.ids(), what="a webhook through the restarted worker")
 
-    assert up.stop() == 0
+    logged = up.log.stat().st_size
+    assert up.stop(group=True) == 0  # the supervisor's exit status for a requested stop
     assert up.children() == {}, "Ctrl-C left processes behind"
+    assert up.leftovers() == [], "Ctrl-C left processes of this data folder behind"
+    stopping = up.log.read_bytes()[logged:].decode(errors="replace")
+    assert "Herald stopped" in stopping, stopping[-3000:]
+    for unclean in ("restarting", "killing it"):
+        assert unclean not in stopping, f"{unclean!r} while stopping:\n{stopping[-3000:]}"
     assert list(Path(up.env["HERALD_DATA_DIR"]).glob("appendonly*")), "embedded Redis kept no append-only file"
+    assert not (Path(up.env["HERALD_DATA_DIR"]) / "redis.sock").exists(), "Redis did not shut down cleanly"
+    # Known defect, reported to the lead: the embedded Redis shares the terminal's process group, so
+    # Ctrl-C stops it at once instead of last, and workers in warm shutdown fail to ack their messages
+    # to it (a traceback; those messages are redelivered later). Judged at the end of this test so
+    # that it hides none of the other checks.
+    redis_stopped_first = "Traceback" in stopping
 
     up.start()  # the same folder: everything where it was
     answer = requests.get(
@@ -121,5 +151,9 @@ def test_herald_up_runs_restarts_stops_and_resumes(up: Up, receiver: Receiver) -
     )
     assert answer.status_code == 200
     assert answer.json()["state"] == "delivered"
-    assert up.stop() == 0
+    assert up.stop() == 0  # kill -INT to the supervisor alone: it stops its children itself
+    assert up.children() == {}, "kill -INT left processes behind"
+    assert up.leftovers() == [], "kill -INT left processes of this data folder behind"
     assert receiver.bad_signatures == 0
+    if redis_stopped_first:
+        pytest.xfail("Ctrl-C reached the embedded Redis directly: it stopped before the workers had acked")
