@@ -40,9 +40,32 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
+from common import (  # noqa: E402  (after the sys.path line: celery imports this module from bench/)
+    GOALS,
+    celery_ping,
+    command_line,
+    common_args,
+    create_tenant,
+    flush_redis_db,
+    group_rss,
+    harness,
+    herald_env,
+    herald_settings,
+    machine_info,
+    machine_load,
+    pct,
+    redis_used_memory,
+    sqlite_database,
+    start_herald,
+    start_redis,
+    wait_until,
+    write_json,
+)
+from otp_latency import LoopbackServer, create_endpoint, post_batches  # noqa: E402
+
 PYTHON = sys.executable
 COUNTDOWN_QUEUE = "bench-countdown"
-GOAL_LATE_P99_S = 1.0
+GOAL_LATE_P99_S = GOALS["late_p99_s"]
 
 app = Celery("bench_scheduled", broker=os.environ.get("BENCH_CELERY_BROKER", "redis://127.0.0.1:6379/15"))
 app.conf.update(
@@ -84,11 +107,11 @@ def wait_stable(measure: Any, *, settle_s: float, timeout_s: float) -> int:
     return int(measure())
 
 
-def herald_memory(o: Any, base: str, api_key: str, procs: Any, redis_url: str, n: int, hook_tag: str) -> dict[str, Any]:
+def herald_memory(base: str, api_key: str, procs: Any, redis_url: str, n: int, hook_tag: str) -> dict[str, Any]:
     worker_pid = procs.running["worker-bulk"].pid
     disp_pid = procs.running["scheduler"].pid
-    before = {"redis": o.redis_used_memory(redis_url), "worker_rss": o.group_rss(worker_pid),
-              "dispatcher_rss": o.group_rss(disp_pid)}  # fmt: skip
+    before = {"redis": redis_used_memory(redis_url), "worker_rss": group_rss(worker_pid),
+              "dispatcher_rss": group_rss(disp_pid)}  # fmt: skip
     send_at = time.time() + 3600
     events = [{"type": "visit.reminder", "subject": f"visit:{i:07d}", "lane": "transactional", "send_at": iso(send_at),
                "schedule_key": f"visit:{i}:reminder", "data": {"n": i, "tag": hook_tag, "visit": {"id": i}}}
@@ -96,14 +119,14 @@ def herald_memory(o: Any, base: str, api_key: str, procs: Any, redis_url: str, n
     # Two steps (N/10, then the rest) so the growth with N shows, not only its end point.
     steps, intake_s, done = [], 0.0, 0
     for upto in (max(1, n // 10), n):
-        intake_s += o.post_batches(base, api_key, bodies_for(events[done:upto]), senders=2)
+        intake_s += post_batches(base, api_key, bodies_for(events[done:upto]), senders=2)
         done = upto
         time.sleep(3)  # a few dispatcher ticks
         steps.append({
             "scheduled": done,
-            "redis": wait_stable(lambda: o.redis_used_memory(redis_url), settle_s=3, timeout_s=20),
-            "worker_rss": o.group_rss(worker_pid),
-            "dispatcher_rss": o.group_rss(disp_pid),
+            "redis": wait_stable(lambda: redis_used_memory(redis_url), settle_s=3, timeout_s=20),
+            "worker_rss": group_rss(worker_pid),
+            "dispatcher_rss": group_rss(disp_pid),
         })  # fmt: skip
     after = {k: v for k, v in steps[-1].items() if k != "scheduled"}
     import redis
@@ -123,20 +146,19 @@ def herald_memory(o: Any, base: str, api_key: str, procs: Any, redis_url: str, n
     }
 
 
-def celery_memory(o: Any, procs: Any, celery_url: str, n: int) -> dict[str, Any]:
+def celery_memory(procs: Any, celery_url: str, n: int) -> dict[str, Any]:
     import redis
 
-    w = o.wh()
     env = {**os.environ, "BENCH_CELERY_BROKER": celery_url}
     procs.start("celery-countdown", [PYTHON, "-m", "celery", "-A", "scheduled", "worker", "-Q", COUNTDOWN_QUEUE,
                                      "-c", "2", "-P", "prefork", "--without-gossip", "--without-mingle",
                                      "--without-heartbeat", "-l", "WARNING", "-n", "countdown@%h"],
                 env=env, cwd=BENCH_DIR)  # fmt: skip
-    w.wait_until(lambda: (procs.check_alive("celery-countdown"), w.celery_ping(celery_url))[1], timeout_s=60,
+    wait_until(lambda: (procs.check_alive("celery-countdown"), celery_ping(celery_url))[1], timeout_s=60,
                  interval_s=0.3, what="the Celery countdown worker")  # fmt: skip
     pid = procs.running["celery-countdown"].pid
     time.sleep(1)
-    before = {"redis": o.redis_used_memory(celery_url), "worker_rss": o.group_rss(pid)}
+    before = {"redis": redis_used_memory(celery_url), "worker_rss": group_rss(pid)}
     publisher = Celery("bench-publisher", broker=celery_url, set_as_current=False)
     publisher.conf.update(task_serializer="json", task_default_queue=COUNTDOWN_QUEUE)
     start = time.perf_counter()
@@ -146,16 +168,16 @@ def celery_memory(o: Any, procs: Any, celery_url: str, n: int) -> dict[str, Any]
                                 countdown=3600, queue=COUNTDOWN_QUEUE, producer=producer)  # fmt: skip
     publish_s = time.perf_counter() - start
     publisher.close()
-    after_publish = {"redis": o.redis_used_memory(celery_url), "worker_rss": o.group_rss(pid)}
+    after_publish = {"redis": redis_used_memory(celery_url), "worker_rss": group_rss(pid)}
     client = redis.Redis.from_url(celery_url)
     prefetched = False
     with contextlib.suppress(TimeoutError):
-        w.wait_until(lambda: client.llen(COUNTDOWN_QUEUE) == 0, timeout_s=180, interval_s=0.5,
+        wait_until(lambda: client.llen(COUNTDOWN_QUEUE) == 0, timeout_s=180, interval_s=0.5,
                      what="the Celery worker to prefetch every countdown task")  # fmt: skip
         prefetched = True
     after = {
-        "redis": wait_stable(lambda: o.redis_used_memory(celery_url), settle_s=3, timeout_s=30),
-        "worker_rss": wait_stable(lambda: o.group_rss(pid), settle_s=3, timeout_s=30),
+        "redis": wait_stable(lambda: redis_used_memory(celery_url), settle_s=3, timeout_s=30),
+        "worker_rss": wait_stable(lambda: group_rss(pid), settle_s=3, timeout_s=30),
     }
     left_in_queue = client.llen(COUNTDOWN_QUEUE)
     unacked = client.hlen("unacked")
@@ -175,7 +197,7 @@ def celery_memory(o: Any, procs: Any, celery_url: str, n: int) -> dict[str, Any]
     }
 
 
-def timed_sends(o: Any, base: str, api_key: str, server: Any, *, tag: str, n: int, first_due: float,
+def timed_sends(base: str, api_key: str, server: Any, *, tag: str, n: int, first_due: float,
                 span_s: float) -> dict[str, Any]:  # fmt: skip
     step = span_s / n if n > 1 and span_s > 0 else 0.0
     events = []
@@ -183,12 +205,12 @@ def timed_sends(o: Any, base: str, api_key: str, server: Any, *, tag: str, n: in
         due = first_due + i * step
         events.append({"type": "visit.reminder", "subject": f"{tag}:{i:07d}", "lane": "transactional",
                        "send_at": iso(due), "data": {"n": i, "tag": tag, "send_at_ts": due}})  # fmt: skip
-    intake_s = o.post_batches(base, api_key, bodies_for(events), senders=2)
+    intake_s = post_batches(base, api_key, bodies_for(events), senders=2)
     accepted_at = time.time()
     return {"intake_s": round(intake_s, 2), "accepted_before_first_due_s": round(first_due - accepted_at, 2)}
 
 
-def collect(o: Any, server: Any, tag: str, n: int, timeout_s: float) -> list[float]:
+def collect(server: Any, tag: str, n: int, timeout_s: float) -> list[float]:
     deadline = time.monotonic() + timeout_s
     values: list[float] = []
     while time.monotonic() < deadline:
@@ -200,61 +222,54 @@ def collect(o: Any, server: Any, tag: str, n: int, timeout_s: float) -> list[flo
 
 
 def lateness_summary(values: list[float], n: int) -> dict[str, Any]:
-    o = otp()
     return {
         "n": n,
         "received": len(values),
         "early": sum(1 for v in values if v < 0),
         "earliest_s": round(min(values), 4) if values else None,
-        "p50_s": round(o.pct(values, 50) or 0, 4),
-        "p90_s": round(o.pct(values, 90) or 0, 4),
-        "p99_s": round(o.pct(values, 99) or 0, 4),
+        "p50_s": round(pct(values, 50) or 0, 4),
+        "p90_s": round(pct(values, 90) or 0, 4),
+        "p99_s": round(pct(values, 99) or 0, 4),
         "max_s": round(max(values), 4) if values else None,
     }
 
 
-def otp() -> Any:
-    import otp_latency
-
-    return otp_latency
-
-
 def run(args: argparse.Namespace, procs: Any, tmp: Path) -> int:
-    o = otp()
-    info = o.machine()
+    info = machine_info()
     print(f"{info['cpus_usable']} CPUs ({info['cpu_model']}), Python {info['python']}; scheduled {args.scheduled:,}, "
           f"lateness {args.late:,} over {args.late_span_s:g}s, burst {args.burst:,}")  # fmt: skip
-    _, claim = o.start_redis(procs, tmp, args)
+    claim = start_redis(procs, tmp, url=args.redis_url, first_db=args.redis_db).claim
     redis_url, celery_url = claim(0), claim(1)
-    server = o.LoopbackServer(procs)
-    database_url, _, api_key = o.herald_database(tmp)
-    env = o.herald_env(tmp, database_url, redis_url, {}, args.herald_env)
-    base = o.start_herald(procs, env, [("bulk", "bulk,transactional", 2)])
-    o.create_endpoint(base, api_key, f"{server.base}/hook")
+    server = LoopbackServer(procs)
+    database_url = sqlite_database(tmp)
+    _, api_key, _ = create_tenant(database_url)
+    env = herald_env(tmp, database_url=database_url, redis_url=redis_url, overrides=args.herald_env)
+    base = start_herald(procs, env, workers=[("bulk", "bulk,transactional", 2)]).base
+    create_endpoint(base, api_key, f"{server.base}/hook")
     # Warm-up: one immediate delivery so pools and imports are loaded before memory is measured.
-    o.post_batches(base, api_key, bodies_for([{"type": "warm", "subject": "warm:1", "data": {}}]), senders=1)
-    o.wh().wait_until(lambda: server.stats()["count"] >= 1, timeout_s=30, what="the warm-up delivery")
+    post_batches(base, api_key, bodies_for([{"type": "warm", "subject": "warm:1", "data": {}}]), senders=1)
+    wait_until(lambda: server.stats()["count"] >= 1, timeout_s=30, what="the warm-up delivery")
     time.sleep(2)
-    results: dict[str, Any] = {"machine_cores_busy_at_start": o.machine_load()}
+    results: dict[str, Any] = {"machine_cores_busy_at_start": machine_load()}
 
     print(f"- Herald: {args.scheduled:,} scheduled an hour ahead …", flush=True)
-    results["memory_herald"] = herald_memory(o, base, api_key, procs, redis_url, args.scheduled, "hour")
+    results["memory_herald"] = herald_memory(base, api_key, procs, redis_url, args.scheduled, "hour")
     print(f"  {json.dumps(results['memory_herald']['bytes_per_scheduled'])} bytes per scheduled delivery "
           f"(intake {results['memory_herald']['intake_s']}s)", flush=True)  # fmt: skip
 
     if args.celery:
         print(f"- Celery countdown=3600: {args.scheduled:,} tasks …", flush=True)
-        results["memory_celery_countdown"] = celery_memory(o, procs, celery_url, args.scheduled)
+        results["memory_celery_countdown"] = celery_memory(procs, celery_url, args.scheduled)
         print(f"  {json.dumps(results['memory_celery_countdown']['bytes_per_scheduled'])} bytes per scheduled task",
               flush=True)  # fmt: skip
-        o.wh().flush_redis_db(celery_url, keep_marker=False)
+        flush_redis_db(celery_url, keep_marker=False)
 
     print(f"- lateness: {args.late:,} due over {args.late_span_s:g}s …", flush=True)
     est = args.late / max(results["memory_herald"]["intake_per_s"], 1.0)
     first_due = time.time() + est * 1.5 + args.lead_s
-    late_meta = timed_sends(o, base, api_key, server, tag="late", n=args.late, first_due=first_due,
+    late_meta = timed_sends(base, api_key, server, tag="late", n=args.late, first_due=first_due,
                             span_s=args.late_span_s)  # fmt: skip
-    late = collect(o, server, "late", args.late, timeout_s=(first_due - time.time()) + args.late_span_s + 60)
+    late = collect(server, "late", args.late, timeout_s=(first_due - time.time()) + args.late_span_s + 60)
     results["lateness"] = {**late_meta, "span_s": args.late_span_s, **lateness_summary(late, args.late)}
     print(f"  {json.dumps(results['lateness'])}", flush=True)
 
@@ -262,8 +277,8 @@ def run(args: argparse.Namespace, procs: Any, tmp: Path) -> int:
         print(f"- burst: {args.burst:,} due in the same second …", flush=True)
         est = args.burst / max(results["memory_herald"]["intake_per_s"], 1.0)
         due = float(int(time.time() + est * 1.5 + args.lead_s))
-        meta = timed_sends(o, base, api_key, server, tag="burst", n=args.burst, first_due=due, span_s=0.0)
-        burst = collect(o, server, "burst", args.burst, timeout_s=(due - time.time()) + args.burst_timeout_s)
+        meta = timed_sends(base, api_key, server, tag="burst", n=args.burst, first_due=due, span_s=0.0)
+        burst = collect(server, "burst", args.burst, timeout_s=(due - time.time()) + args.burst_timeout_s)
         summary = lateness_summary(burst, args.burst)
         summary["all_delivered_after_s"] = summary["max_s"] if len(burst) >= args.burst else None
         summary["deliveries_per_s"] = round(len(burst) / summary["max_s"], 1) if burst and summary["max_s"] else None
@@ -290,7 +305,7 @@ def run(args: argparse.Namespace, procs: Any, tmp: Path) -> int:
     report = {
         "benchmark": "scheduled",
         "machine": info,
-        "command": " ".join([Path(PYTHON).name, *sys.argv]),
+        "command": command_line(),
         "parameters": {
             "scheduled": args.scheduled,
             "late": args.late,
@@ -299,12 +314,12 @@ def run(args: argparse.Namespace, procs: Any, tmp: Path) -> int:
             "redis": "private redis-server" if not args.redis_url else f"{args.redis_url} db {args.redis_db}",
             "database": "sqlite",
             "processes": ["api", "scheduler", "worker --lanes bulk,transactional --concurrency 2"],
-            "settings": {k: v for k, v in env.items() if k.startswith("HERALD_")},
+            "settings": herald_settings(env),
         },
         "results": results,
         "goals": goals,
     }
-    (args.out / "scheduled.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_json(args.out / "scheduled.json", report)
     plot(report, args.out / "scheduled.png")
     for name, goal in goals.items():
         print(f"goal {name}: {'MET' if goal['met'] else 'MISSED'}")
@@ -363,7 +378,6 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def main() -> int:
-    o = otp()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scheduled", type=int, default=100_000, help="N scheduled an hour ahead (memory)")
     parser.add_argument("--no-celery", dest="celery", action="store_false", help="skip the Celery countdown side")
@@ -372,8 +386,8 @@ def main() -> int:
     parser.add_argument("--lead-s", type=float, default=10.0, help="margin between intake and the first due time")
     parser.add_argument("--burst", type=int, default=100_000, help="sends due in the same second (0: skip)")
     parser.add_argument("--burst-timeout-s", type=float, default=600.0)
-    o.common_args(parser)
-    return o.harness(run, parser.parse_args())
+    common_args(parser)
+    return harness(run, parser.parse_args())
 
 
 if __name__ == "__main__":
