@@ -185,6 +185,78 @@ def test_a_webhook_template_is_rendered_per_line_and_a_failing_line_is_rejected(
     assert drop.rejections[0]["line"] == 3 and drop.rejections[0]["reason"].startswith("template: body: ")
 
 
+def add_template(place: Place, locale: str, body: str, event_type: str = "promo.sent") -> None:
+    with transaction(place.sessions) as session:
+        session.add(
+            Template(
+                id=new_id("tpl"),
+                tenant_id=place.tenant_id,
+                event_type=event_type,
+                channel="webhook",
+                locale=locale,
+                body=body,
+            )
+        )
+
+
+def greeting(word: str) -> str:
+    """A webhook template body that greets the line's user in one language."""
+    return '{"text": {{ ("' + word + ' " ~ data.user_id) | tojson }}}'
+
+
+def payloads(sessions: sessionmaker[Session], drop_id: str) -> dict[str, Any]:
+    with sessions() as session:
+        rows = session.execute(select(Delivery.subject, Delivery.content).where(Delivery.drop_id == drop_id)).all()
+    return {str(subject): content for subject, content in rows}
+
+
+def test_two_campaigns_on_one_event_type_send_the_payloads_of_the_templates_they_name(place: Place) -> None:
+    add_template(place, "", greeting("Hello"))
+    add_template(place, "de", greeting("Hallo"))
+    add_template(place, "pt-BR", greeting("Olá"))
+    place.campaign("german", template="de")
+    place.campaign("brazil", template="pt_br")  # any spelling of the locale, stored in canonical case
+    place.campaign("plain")  # no template named: the default-locale one
+    place.campaign("default", template="default")
+    outcomes = {
+        name: place.ingester().process(drop_file(place.folder / name, "users.txt", ["u1", "u2"]))
+        for name in ("german", "brazil", "plain", "default")
+    }
+
+    assert [o.kind for o in outcomes.values()] == [OutcomeKind.ingested] * 3 + [OutcomeKind.duplicate]
+    # Naming the default template sends what naming none sends: the same audience is a duplicate.
+    assert outcomes["default"].drop_id == outcomes["plain"].drop_id
+    sent = {name: payloads(place.sessions, o.drop_id or "") for name, o in outcomes.items() if name != "default"}
+    assert sent == {
+        "german": {"u1": {"body": {"text": "Hallo u1"}}, "u2": {"body": {"text": "Hallo u2"}}},
+        "brazil": {"u1": {"body": {"text": "Olá u1"}}, "u2": {"body": {"text": "Olá u2"}}},
+        "plain": {"u1": {"body": {"text": "Hello u1"}}, "u2": {"body": {"text": "Hello u2"}}},
+    }
+
+
+def test_a_campaign_naming_a_template_that_does_not_exist_fails_its_file_and_writes_nothing(place: Place) -> None:
+    add_template(place, "de", greeting("Hallo"))
+    add_template(place, "fr", greeting("Bonjour"), event_type="promo.other")  # another event type's
+    cases = {
+        "french": ("fr", "the tenant has no webhook template for 'promo.sent' in locale 'fr'"),
+        "austrian": ("de-AT", "the tenant has no webhook template for 'promo.sent' in locale 'de-AT'"),  # no fallback
+        "default": ("default", "the tenant has no webhook template for 'promo.sent' in locale 'default'"),
+        "private": ("de-x-spring", "must be a locale such as 'pt-BR' or 'default', got 'de-x-spring'"),
+    }
+    before = row_counts(place.sessions)
+    for campaign, (template, error) in cases.items():
+        place.campaign(campaign, template=template)
+        path = drop_file(place.folder / campaign, "users.txt", ["u1", "u2"])
+
+        outcome = place.ingester().process(path)
+
+        assert outcome.kind == OutcomeKind.failed, campaign
+        assert outcome.detail == f"{campaign}/campaign.json: template: {error}"
+        assert outcome.moved_to == place.folder / "failed" / campaign / "users.txt" and not path.exists()
+        assert place.report(outcome.moved_to)["error"] == outcome.detail
+    assert row_counts(place.sessions) == before
+
+
 def crash_after(chunks: int) -> Callable[[int], None]:
     def hook(n: int) -> None:
         if n == chunks:
@@ -405,3 +477,27 @@ def test_editing_the_campaign_after_a_crash_finishes_the_drop_with_its_first_tar
         types = set(session.scalars(select(Delivery.event_type)))
     assert types == {"promo.sent"}
     assert len(deliveries_by_subject(place.sessions, outcome.drop_id or "")) == 300
+
+
+@pytest.mark.parametrize(("first", "then"), [("de", "en"), ("de", None), (None, "de")])
+def test_editing_the_template_after_a_crash_finishes_the_drop_with_its_first_template(
+    place: Place, first: str | None, then: str | None
+) -> None:
+    add_template(place, "", greeting("Hello"))
+    add_template(place, "de", greeting("Hallo"))
+    add_template(place, "en", greeting("Hi"))
+    words = {None: "Hello", "de": "Hallo", "en": "Hi"}
+    place.campaign("spring", **({"template": first} if first else {}))
+    path = drop_file(place.folder / "spring", "users.txt", [f"u{n}" for n in range(300)])
+    with pytest.raises(RuntimeError):
+        place.ingester(on_chunk=crash_after(2)).process(path)
+    place.campaign("spring", **({"template": then} if then else {}))
+
+    outcome = place.ingester().process(path)
+
+    assert outcome.kind == OutcomeKind.ingested
+    with place.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Drop)) == 1
+    sent = payloads(place.sessions, outcome.drop_id or "")
+    assert len(sent) == 300
+    assert sent == {f"u{n}": {"body": {"text": f"{words[first]} u{n}"}} for n in range(300)}

@@ -9,6 +9,7 @@ offset of its line end (what resuming after a crash relies on).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import string
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from herald.ingest.parsers import BOM, DropFileError, DropParser, Rejection, Row, check_user_id, scan
+from herald.ingest.parsers import BOM, DropFileError, DropParser, Rejection, Row, check_user_id, digests, scan
 from herald.ingest.seen import SeenIds
 
 ID_CHARS = string.ascii_letters + string.digits + "_.:@-"
@@ -244,6 +245,15 @@ def test_scan_hashes_salt_and_content_and_counts_lines() -> None:
     assert scan(io.BytesIO(big)).lines == 200_000
     with pytest.raises(DropFileError, match="UTF-16"):
         scan(io.BytesIO("user_id\n".encode("utf-16")))
+
+
+@given(content=st.binary(max_size=300), salts=st.lists(st.binary(max_size=20), max_size=4), block=st.integers(1, 64))
+def test_digests_are_scans_digests_for_each_salt(content: bytes, salts: list[bytes], block: int) -> None:
+    stream = io.BufferedReader(io.BytesIO(content), buffer_size=block)
+    expected = [hashlib.sha256(salt + content).hexdigest() for salt in salts]
+    assert digests(stream, salts=salts) == expected
+    if content.isascii():
+        assert [scan(io.BytesIO(content), salt=salt).digest for salt in salts] == expected
 
 
 @settings(max_examples=100, deadline=None)

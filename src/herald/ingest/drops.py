@@ -3,13 +3,15 @@
 A file ``DIR/NAME`` (defaults from settings) or ``DIR/CAMPAIGN/NAME`` (``DIR/CAMPAIGN/campaign.json``)
 goes through:
 
-1. **target**: tenant, endpoint, event type, lane and template data defaults. A missing or bad
-   ``campaign.json``, a file that is not UTF-8 or a CSV header without ``user_id``: the file moves
-   to ``failed/`` with ``NAME.report.json`` saying why, and nothing is written.
-2. **ledger**: the key is SHA-256 of the target (tenant, endpoint, event type) and the file's
-   bytes, unique in ``drops.content_hash``. A key seen before is a duplicate: nothing is created,
-   the file moves to ``done/`` with a report naming the first drop. (The target is in the key so
-   one audience file can go to two campaigns.)
+1. **target**: tenant, endpoint, event type, lane, webhook template and template data defaults.
+   A missing or bad ``campaign.json`` (or one naming a template the tenant does not have), a file
+   that is not UTF-8 or a CSV header without ``user_id``: the file moves to ``failed/`` with
+   ``NAME.report.json`` saying why, and nothing is written.
+2. **ledger**: the key is SHA-256 of the target (tenant, endpoint, event type, and the template's
+   locale when the campaign names one other than the default) and the file's bytes, unique in
+   ``drops.content_hash``. A key seen before is a duplicate: nothing is created, the file moves to
+   ``done/`` with a report naming the first drop. (The target is in the key so one audience file
+   can go to two campaigns.)
 3. **chunks** of ``chunk_size`` lines: the chunk's events and deliveries (queued on the target's
    lane, due now) and the drop's progress (``committed_offset``, the byte offset after the chunk,
    and ``lines``, its last line number) are one transaction, then the dispatcher is woken. The
@@ -21,7 +23,8 @@ goes through:
 
 After a crash (``kill -9``) the file is still in ``DIR`` and its drop is ``ingesting``: parsing
 restarts at the top but only refills the duplicate finder up to ``committed_offset``, then writes
-from there, so no line is lost or doubled. One event per accepted line (subject and ``data.user_id``
+from there, so no line is lost or doubled. If ``campaign.json`` was edited in between, the drop
+finishes with the target its key was made from. One event per accepted line (subject and ``data.user_id``
 = the user id, plus the CSV columns and the campaign's ``data``): the webhook payload is the event.
 """
 
@@ -37,9 +40,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -47,9 +50,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from herald.api.schemas import EventType, ObjectId
 from herald.config import Settings
+from herald.content.lookup import DEFAULT_LOCALE, get_template, normalize_locale
 from herald.content.render import RenderError, render_message, template_context
 from herald.errors import NotFoundError
-from herald.ingest.parsers import DropFileError, DropParser, Item, Rejection, Row, scan
+from herald.ingest.parsers import DropFileError, DropParser, Item, Rejection, Row, digests, scan
 from herald.ingest.report import (
     REPORT_SUFFIX,
     drop_report,
@@ -71,6 +75,7 @@ logger = logging.getLogger(__name__)
 DONE = "done"
 FAILED = "failed"
 CAMPAIGN_FILE = "campaign.json"
+DEFAULT_TEMPLATE = "default"  # how campaign.json names the tenant's default-locale template
 
 
 EVENT_COLUMNS = ("id", "tenant_id", "type", "subject", "data", "lane", "created_at")
@@ -88,11 +93,14 @@ class DropState(StrEnum):
 
 class CampaignConfig(BaseModel):
     """``campaign.json``: ``{"tenant": "acme", "endpoint_id": "end_…", "event_type": "promo.sent",
-    "lane": "bulk", "data": {"offer": "spring"}}``.
+    "lane": "bulk", "template": "de", "data": {"offer": "spring"}}``.
 
     ``tenant`` is a name or an id. ``data`` holds template data defaults, under each line's CSV
-    columns. The template is the tenant's webhook template for ``event_type`` (default locale):
-    when there is one it renders each line's payload, else the payload's ``data`` is the line's.
+    columns. ``template`` picks one of the tenant's webhook templates for ``event_type`` by its
+    locale (``"de"``, ``"pt-BR"``, or ``"default"``), exactly, without falling back: that is how
+    two campaigns on one event type send different payloads, and a campaign naming a template
+    that does not exist fails its files. Without ``template``, the default-locale template
+    renders each line's payload when there is one, else the payload's ``data`` is the line's.
     A drop is never sent on the ``otp`` lane.
     """
 
@@ -102,7 +110,19 @@ class CampaignConfig(BaseModel):
     endpoint_id: ObjectId
     event_type: EventType
     lane: Literal["bulk", "transactional"] = "bulk"
+    template: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
     data: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("template")
+    @classmethod
+    def _locale(cls, value: str | None) -> str | None:
+        """The stored form of the template's locale: ``''`` for ``default``, else the canonical tag."""
+        if value is None or value.lower() == DEFAULT_TEMPLATE:
+            return None if value is None else DEFAULT_LOCALE
+        normal = normalize_locale(value)
+        if normal is None or normal.lower() != value.lower().replace("_", "-"):
+            raise ValueError(f"must be a locale such as 'pt-BR' or 'default', got {value!r}")
+        return normal
 
 
 @dataclass(frozen=True)
@@ -116,10 +136,14 @@ class Target:
     data: dict[str, Any]
     campaign: str | None
     template: dict[str, str | None] | None = None
+    locale: str | None = None  # the template the campaign named ('' = default); None: it named none
 
     @property
     def salt(self) -> bytes:
-        return f"{self.tenant_id}\0{self.endpoint_id}\0{self.event_type}\0".encode()
+        key = f"{self.tenant_id}\0{self.endpoint_id}\0{self.event_type}\0"
+        # Only a named template other than the default changes what is sent, so only it joins the key
+        # (and ledger keys made before campaigns could name templates stay valid).
+        return (key + f"template={self.locale}\0" if self.locale else key).encode()
 
 
 class OutcomeKind(StrEnum):
@@ -278,10 +302,8 @@ class Ingester:
                 digest = scan(stream, salt=target.salt).digest
                 stalled = self._stalled(name, digest)
                 if stalled is not None:  # campaign.json was edited after a crash: finish with the first target
-                    first = replace(target, tenant_id=stalled.tenant_id, event_type=stalled.event_type,
-                                    endpoint_id=stalled.endpoint_id or "")  # fmt: skip
-                    stream.seek(0)
-                    if scan(stream, salt=first.salt).digest == stalled.content_hash:
+                    first = self._first_target(stream, stalled, target)
+                    if first is not None:
                         logger.warning("drop %s: %s changed target mid-ingestion; keeping the first", stalled.id, name)
                         target, digest = first, stalled.content_hash
                 stream.seek(0)
@@ -313,6 +335,39 @@ class Ingester:
             return session.scalar(
                 select(Drop).where(Drop.path == name, Drop.state == DropState.ingesting, Drop.content_hash != digest)
             )
+
+    def _first_target(self, stream: BinaryIO, stalled: Drop, target: Target) -> Target | None:
+        """The target ``stalled`` was started with, if this file's bytes under it give its key.
+
+        The drop row keeps tenant, endpoint and event type but not the template's locale, so each
+        of the tenant's webhook templates for that event type is tried (one pass over the file).
+        """
+        first = replace(target, tenant_id=stalled.tenant_id, endpoint_id=stalled.endpoint_id or "",
+                        event_type=stalled.event_type)  # fmt: skip
+        with self.sessions() as session:
+            named = session.scalars(
+                select(Template.locale).where(
+                    Template.tenant_id == first.tenant_id,
+                    Template.event_type == first.event_type,
+                    Template.channel == Channel.webhook,
+                    Template.locale != DEFAULT_LOCALE,
+                )
+            ).all()
+        candidates = [replace(first, locale=locale) for locale in [None, *named]]
+        stream.seek(0)
+        keys = digests(stream, salts=[c.salt for c in candidates])
+        match = next((c for c, key in zip(candidates, keys, strict=True) if key == stalled.content_hash), None)
+        if match is None:
+            return None
+        with self.sessions() as session:
+            template = _webhook_template(
+                session,
+                tenant_id=match.tenant_id,
+                event_type=match.event_type,
+                locale=match.locale,
+                where=f"drop {stalled.id}",
+            )
+        return replace(match, template=template)
 
     def _ledger(self, session: Session, name: str, digest: str, target: Target) -> tuple[Drop, str]:
         """The drop for this content and what to do: new, resume, finish (move) or duplicate."""
@@ -367,16 +422,12 @@ class Ingester:
                 endpoint = queries.get_endpoint(session=session, tenant_id=tenant.id, endpoint_id=config.endpoint_id)
             except NotFoundError as exc:
                 raise DropFileError(f"{where}: {exc.message}") from None
-            template = session.scalar(
-                select(Template).where(
-                    Template.tenant_id == tenant.id,
-                    Template.event_type == config.event_type,
-                    Template.channel == Channel.webhook,
-                    Template.locale == "",
-                )
+            template = _webhook_template(
+                session, tenant_id=tenant.id, event_type=config.event_type, locale=config.template, where=where
             )
-        parts = {"channel": Channel.webhook.value, "body": template.body} if template is not None else None
-        return Target(tenant.id, endpoint.id, config.event_type, config.lane, config.data, campaign, parts)
+        return Target(
+            tenant.id, endpoint.id, config.event_type, config.lane, config.data, campaign, template, config.template
+        )
 
     def _ingest(self, path: Path, name: str, drop: Drop, target: Target) -> Outcome:
         tally = _Tally(drop.committed_offset, drop.lines, drop.accepted, drop.rejected, list(drop.rejections))
@@ -589,6 +640,31 @@ class Ingester:
             self._reported[drop.id] = now
 
 
+def _webhook_template(
+    session: Session, *, tenant_id: str, event_type: str, locale: str | None, where: str
+) -> dict[str, str | None] | None:
+    """The parts of the tenant's webhook template for ``event_type`` in ``locale`` (exactly).
+
+    ``locale=None`` (the campaign named no template): the default-locale one, or None if there is
+    none. A named template that does not exist is a ``DropFileError``.
+    """
+    found = get_template(
+        session=session,
+        tenant_id=tenant_id,
+        event_type=event_type,
+        channel=Channel.webhook.value,
+        locale=DEFAULT_LOCALE if locale is None else locale,
+    )
+    if found is None:
+        if locale is None:
+            return None
+        raise DropFileError(
+            f"{where}: template: the tenant has no webhook template for {event_type!r} "
+            f"in locale {locale or DEFAULT_TEMPLATE!r}"
+        )
+    return {"channel": Channel.webhook.value, "body": found.body}
+
+
 def _load_campaign(path: Path, campaign: str) -> CampaignConfig:
     where = f"{campaign}/{CAMPAIGN_FILE}"
     try:
@@ -602,7 +678,12 @@ def _load_campaign(path: Path, campaign: str) -> CampaignConfig:
     except PydanticValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "campaign"
-        message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif first["type"] == "value_error":  # our own validators' messages, without pydantic's prefix
+            message = str(first.get("ctx", {}).get("error", first["msg"]))
+        else:
+            message = first["msg"]
         raise DropFileError(f"{where}: {loc}: {message}") from None
 
 
