@@ -188,6 +188,7 @@ def _drive(
         "ingested_s": _after(drop[5], wall_start),
         "drop": {"id": drop[0], "lines": drop[1], "accepted": drop[2], "rejected": drop[3]},
         "states": states,
+        "warm_up_deliveries": WARM_UP_IDS,
         "receiver_requests": requests_seen,
         "receiver_unique_ids": receiver_after["unique_ids"] - receiver_before["unique_ids"],
         "receiver_bytes_per_request": round(

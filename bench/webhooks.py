@@ -73,6 +73,7 @@ from common import (
     wait_until,
     write_json,
 )
+from drop import WARM_UP_IDS as WARM_UP
 from drop import run_drop
 
 # ------------------------------------------------------------------ variants
@@ -182,6 +183,21 @@ def _drive_herald(
     if answer.status_code != 201:
         raise RuntimeError(f"creating the endpoint failed: {answer.status_code} {answer.text[:300]}")
 
+    # Warm-up, as for the drop: each worker pool process builds its runtime (database engine,
+    # channels) on its first task, seconds on a busy machine; the measured run starts warm.
+    warm = [{"type": "bench.warm", "subject": f"warm:{i}", "data": {}, "lane": "bulk"} for i in range(WARM_UP)]
+    answer = http.post(f"{base}/v1/events/batch", json={"events": warm}, headers=auth, timeout=30)
+    if answer.status_code != 202:
+        raise RuntimeError(f"warm-up batch refused: {answer.status_code} {answer.text[:300]}")
+    delivered_sql = text("SELECT COUNT(*) FROM deliveries WHERE tenant_id = :t AND state = 'delivered'")
+
+    def warm_done() -> bool:
+        run.procs.check_alive(*names)
+        with engine.connect() as conn:
+            return int(conn.execute(delivered_sql, {"t": tenant_id}).scalar_one()) >= WARM_UP
+
+    wait_until(warm_done, timeout_s=60, interval_s=0.1, what="the warm-up batch to be delivered")
+
     # CPU of the idle system: a dispatcher or worker that spins when there is no work shows here.
     idle_before = sum(run.procs.cpu_s(names).values())
     time.sleep(1.0)
@@ -231,7 +247,7 @@ def _drive_herald(
         engine,
         tenant_id=tenant_id,
         receiver_target=receiver_before["count"] + n,
-        database_target=n,
+        database_target=WARM_UP + n,
         timeout_s=run.args.variant_timeout_s,
         check=lambda: run.procs.check_alive(*names),
         what=f"herald-{kind}",
@@ -265,8 +281,9 @@ def _drive_herald(
         "accepted_s": accepted_at - start,
         "accepted_per_s": n / (accepted_at - start),
         "last_finished_after_s": last_finished.timestamp() - wall_start if last_finished else None,
-        "states": states,
+        "states": states,  # the tenant's, warm-up included
         "attempts": attempts,
+        "warm_up_deliveries": WARM_UP,
         "receiver_requests": requests_seen,
         "receiver_unique_ids": receiver_after["unique_ids"] - receiver_before["unique_ids"],
         "receiver_bytes_per_request": round(
