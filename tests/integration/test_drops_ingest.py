@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from herald.store.db import transaction
 from herald.store.ids import new_id, new_ids
 from herald.store.models import Delivery, Drop, Endpoint, Event, Template, utcnow
 from herald.worker.delivery import webhook_body
-from tests.support import row_counts
+from tests.support import row_counts, wait_until
 
 
 @dataclass
@@ -501,3 +502,46 @@ def test_editing_the_template_after_a_crash_finishes_the_drop_with_its_first_tem
     sent = payloads(place.sessions, outcome.drop_id or "")
     assert len(sent) == 300
     assert sent == {f"u{n}": {"body": {"text": f"{words[first]} u{n}"}} for n in range(300)}
+
+
+def drop_named(sessions: sessionmaker[Session], name: str) -> Drop | None:
+    with sessions() as session:
+        return session.scalar(select(Drop).where(Drop.name == name))
+
+
+def test_a_file_that_no_event_announced_is_found_by_the_periodic_rescan(place: Place) -> None:
+    """The watcher starts with a pass over the folder and only then subscribes to file events, so a
+    file written during that first pass produces no event; the rescan every ``rescan_s`` finds it."""
+    rescan_s = 2.0
+    slow = place.settings.ingest.model_copy(update={"chunk_size": 1, "chunk_pause_s": 0.2, "rescan_s": rescan_s})
+    place.settings = place.settings.model_copy(update={"ingest": slow})
+    drop_file(place.folder, "first.txt", [f"u{n}" for n in range(10)])  # 10 chunks: about 2 s
+    watcher = Watcher(
+        settings=place.settings,
+        sessions=place.sessions,
+        client=redis.Redis.from_url(place.settings.redis_url),
+        directory=place.folder,
+    )
+    thread = threading.Thread(target=watcher.run, daemon=True)
+    thread.start()
+    try:
+        # The first pass has listed the folder and is ingesting first.txt; nothing watches for events yet.
+        wait_until(lambda: drop_named(place.sessions, "first.txt"), timeout_s=20, what="the first pass")
+        drop_file(place.folder, "unannounced.txt", ["v1", "v2"])
+        first = wait_until(
+            lambda: (d := drop_named(place.sessions, "first.txt")) and d.finished_at and d, timeout_s=20, what="first"
+        )
+        assert drop_named(place.sessions, "unannounced.txt") is None  # the first pass did not see it
+        found = wait_until(
+            lambda: (d := drop_named(place.sessions, "unannounced.txt")) and d.state != DropState.ingesting and d,
+            timeout_s=rescan_s + 15,
+            what="the rescan to ingest the file no event announced",
+        )
+    finally:
+        watcher.stop()
+        thread.join(15)
+    assert not thread.is_alive()
+    # Found by the timer, not an event: only after the first pass ended and a rescan interval passed.
+    assert (found.created_at - first.finished_at).total_seconds() >= rescan_s
+    assert deliveries_by_subject(place.sessions, found.id) == {"v1": 1, "v2": 1}
+    assert (place.folder / "done" / "unannounced.txt").exists()
