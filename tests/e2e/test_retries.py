@@ -130,12 +130,18 @@ def test_endpoint_concurrency_limit_and_pause_after_503(
 ) -> None:
     receiver.delay_s = 0.3
     make_endpoint(client, auth, receiver, max_concurrency=2)
-    processes.worker(concurrency=1, wait=True)
+    # Two workers of two processes each: the limit holds for the fleet, not per process.
+    processes.worker("worker-a", concurrency=2)
+    processes.worker("worker-b", concurrency=2)
+    for name in ("worker-a", "worker-b"):
+        wait_until(lambda: " ready." in processes.log(name), timeout_s=60, what=f"{name} to be ready")
+    processes.env["HERALD_DISPATCH__MAX_BATCH"] = "3"  # several messages, so every process gets work
     processes.dispatcher()
-    events = [{"type": "drop.user", "subject": f"user:{i}", "lane": "bulk"} for i in range(12)]
+    events = [{"type": "drop.user", "subject": f"user:{i}", "lane": "bulk"} for i in range(16)]
     client.post("/v1/events/batch", json={"events": events}, headers=auth)
-    wait_until(lambda: len(receiver.ids()) == 12, what="the throttled batch")
-    assert receiver.max_in_flight == 2  # one worker process, at most two requests at once to this endpoint
+    wait_until(lambda: len(receiver.ids()) == 16, what="the throttled batch")
+    assert receiver.max_in_flight == 2  # four worker processes, at most two requests at once to this endpoint
+    assert all(record_attempts(client, auth, i) == 1 for i in receiver.ids())  # held back, never failed
 
     receiver.received.clear()
     receiver.delay_s = 0.0
