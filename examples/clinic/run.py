@@ -95,7 +95,7 @@ def main() -> None:
     print("booked visit 88, reminder due", booked["deliveries"][0]["due_at"])
     moved = herald.call("POST", "/v1/events", reminder(args, "88", now + soon))
     print("moved visit 88, reminder now due", moved["deliveries"][0]["due_at"])
-    herald.call("POST", "/v1/events", reminder(args, "89", now + soon * 2))
+    other = herald.call("POST", "/v1/events", reminder(args, "89", now + soon * 2))
     canceled = herald.call("DELETE", "/v1/schedules/visit:89:reminder")
     print("canceled visit 89:", canceled["canceled"])
 
@@ -119,6 +119,7 @@ def main() -> None:
     print("receipt event", first["id"], "(sent twice, accepted once:", first == second, ")")
     pending = herald.call("GET", "/v1/schedules?prefix=visit:")
     print(json.dumps({"pending": pending["data"]}, indent=2, default=str))
+    state = None
     if args.starts_in_s is not None:
         deadline = time.monotonic() + args.starts_in_s + 30
         reminder_id = moved["deliveries"][0]["id"]
@@ -128,6 +129,16 @@ def main() -> None:
                 print("reminder for visit 88:", state)
                 break
             time.sleep(0.5)
+    # One line a script (or the example's test) can read back: what to look up in Herald.
+    summary = {
+        "booked_reminder": booked["deliveries"][0]["id"],
+        "moved_reminder": moved["deliveries"][0]["id"],
+        "moved_reminder_due_at": moved["deliveries"][0]["due_at"],
+        "canceled_reminder": other["deliveries"][0]["id"],
+        "receipt_events": [first["id"], second["id"]],
+        "reminder_state": state,
+    }
+    print("summary:", json.dumps(summary))
 
 
 if __name__ == "__main__":

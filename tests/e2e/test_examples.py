@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from herald.config import Settings
 from tests.e2e.test_timeline import start_api
-from tests.support import MailSink, Processes, sqlite_database
+from tests.support import MailSink, Processes, sqlite_database, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +79,32 @@ def test_clinic_scenario(
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "reminder for visit 88: delivered" in done.stdout
+    summary = json.loads(done.stdout.rsplit("summary:", 1)[1])
+    auth = {"Authorization": f"Bearer {api_key}"}
+
+    def read(path: str) -> dict[str, Any]:
+        answer = client.get(path, headers=auth)
+        assert answer.status_code == 200, answer.text
+        return dict(answer.json())
+
+    # Moving visit 88 replaced its first reminder; cancelling visit 89 canceled its reminder.
+    for replaced in (summary["booked_reminder"], summary["canceled_reminder"]):
+        record = read(f"/v1/deliveries/{replaced}")
+        assert (record["state"], record["attempt_count"]) == ("canceled", 0), record
+    # The moved reminder went out once, at its new time (12 s before the moved visit), not before.
+    moved = read(f"/v1/deliveries/{summary['moved_reminder']}")
+    assert (moved["state"], moved["attempt_count"]) == ("delivered", 1), moved
+    moved_due = datetime.fromisoformat(summary["moved_reminder_due_at"])
+    assert datetime.fromisoformat(moved["attempts"][0]["started_at"]) >= moved_due
+    # The payment event, sent twice with one idempotency key, is one event with one receipt.
+    first, again = summary["receipt_events"]
+    assert first == again
+    receipts = read(f"/v1/events/{first}")["deliveries"]
+    assert [d["channel"] for d in receipts] == ["email"]
+    receipt_id = receipts[0]["id"]
+    wait_until(lambda: read(f"/v1/deliveries/{receipt_id}")["state"] == "delivered", what="the receipt")
+    assert read(f"/v1/deliveries/{receipt_id}")["attempt_count"] == 1
+
     subjects = sorted(m["Subject"] for m in mail.to("patient@example.com"))
     assert len(subjects) == 2 and subjects[0].startswith("Receipt p-1001") and subjects[1].startswith("Reminder")
     receipt = next(m for m in mail.to("patient@example.com") if m["Subject"].startswith("Receipt"))
