@@ -226,6 +226,28 @@ def test_a_passcode_timeline_is_named_by_herald_id_not_the_person(
     assert ADDRESS not in str(timeline["subject"]) + str([e["type"] for e in timeline["events"]])
 
 
+def test_a_consumer_link_never_names_the_recipients(
+    client: TestClient, auth: dict[str, str], sessions: sessionmaker[Session]
+) -> None:
+    """A ticket's events may go to several people; whoever holds the consumer link sees none of them."""
+    client.put("/v1/templates/ticket.updated/email/default", json={"subject": "S", "text": "T"}, headers=auth)
+    for ref in (ADDRESS, "other.person@example.org"):
+        put(client, auth, ref, {"email": "inbox@example.net"})
+    body = {"type": "ticket.updated", "subject": "ticket:5", "recipients": [ADDRESS, "other.person@example.org"]}
+    assert client.post("/v1/events", json=body, headers=auth).status_code == 202
+    tenant_view = client.get("/v1/subjects/ticket:5/timeline", headers=auth).json()
+    assert {d["recipient"] for d in tenant_view["events"][0]["deliveries"]} == {ADDRESS, "other.person@example.org"}
+    link = client.post("/v1/subjects/ticket:5/links", headers=auth).json()
+    public = client.get("/v1/public/timeline", params={"token": link["token"]})
+    assert public.status_code == 200, public.text
+    assert [d["recipient"] for d in public.json()["events"][0]["deliveries"]] == [None, None]
+    assert "@" not in public.text
+    for event in tenant_view["events"]:
+        for delivery in event["deliveries"]:
+            delivery["recipient"] = None
+    assert public.json() == tenant_view  # otherwise the same
+
+
 # ------------------------------------------------------------------ passcodes
 
 

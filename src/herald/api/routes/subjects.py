@@ -60,8 +60,14 @@ class LinkOut(BaseModel):
     stream_url: str
 
 
-def timeline(session: Session, tenant_id: str, subject: str, *, limit: int = 500) -> Timeline:
-    """The subject's latest ``limit`` events, oldest first, each with its deliveries' states."""
+def timeline(
+    session: Session, tenant_id: str, subject: str, *, limit: int = 500, with_recipients: bool = True
+) -> Timeline:
+    """The subject's latest ``limit`` events, oldest first, each with its deliveries' states.
+
+    Without ``with_recipients`` (a consumer's view) no delivery names its recipient: the tenant's
+    ids for people may be addresses, and a subject's events may go to several people.
+    """
     events = session.scalars(
         select(Event)
         .where(Event.tenant_id == tenant_id, Event.subject == subject)
@@ -81,7 +87,7 @@ def timeline(session: Session, tenant_id: str, subject: str, *, limit: int = 500
                 id=delivery.id,
                 channel=delivery.channel,
                 state=delivery.state,
-                recipient=external_id,
+                recipient=external_id if with_recipients else None,
                 updated_at=delivery.updated_at,
             )
         )
@@ -172,7 +178,7 @@ def _claims(request: Request, token: str) -> LinkClaims:
 @router.get("/v1/public/timeline", response_model=Timeline)
 def read_public_timeline(token: Token, request: Request, session: SessionDep) -> Timeline:
     claims = _claims(request, token)
-    return timeline(session, claims.tenant_id, claims.subject)
+    return timeline(session, claims.tenant_id, claims.subject, with_recipients=False)
 
 
 @router.get("/v1/public/stream")
