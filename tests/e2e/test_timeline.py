@@ -205,7 +205,11 @@ class Published:
         self.client.close()
 
 
-def test_cancellations_and_passcodes_reach_live_timelines_once_committed(
+def published_event(client: TestClient, auth: dict[str, str], delivery_id: str) -> str:
+    return str(client.get(f"/v1/deliveries/{delivery_id}", headers=auth).json()["event_id"])
+
+
+def test_cancellations_replays_and_passcodes_reach_live_timelines_once_committed(
     client: TestClient, auth: dict[str, str], settings: Settings, sessions: sessionmaker[Session]
 ) -> None:
     with sessions() as session:
@@ -253,6 +257,14 @@ def test_cancellations_and_passcodes_reach_live_timelines_once_committed(
         assert not [m for m in before_sentinel if m.get("delivery_id") == waiting]
         with sessions() as session:
             assert session.scalar(select(Delivery.state).where(Delivery.id == waiting)) == "scheduled"
+
+        dead = remind("visit:92", "visit:92:reminder")
+        with sessions() as session, session.begin():
+            session.execute(update(Delivery).where(Delivery.id == dead).values(state="dead", due_at=None))
+        replay = client.post("/v1/dead-letters/replay", json={"ids": [dead]}, headers=auth)
+        assert replay.json()["replayed"] == [dead], replay.text
+        assert published.until(delivery_id=dead)[-1] == {"kind": "delivery", "subject": "visit:92", "delivery_id": dead,
+            "event_id": published_event(client, auth, dead), "channel": "email", "state": "queued"}  # fmt: skip
 
         assert client.delete("/v1/recipients/cust-1", headers=auth).status_code == 204
         assert published.until(delivery_id=waiting)[-1]["state"] == "canceled"

@@ -6,8 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from pydantic import AwareDatetime
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from herald import live
 from herald.api.deps import IdPath, IdQuery, SessionDep, SubjectQuery, TenantDep
 from herald.api.schemas import AttemptOut, DeliveryOut, Page, ReplayIn, ReplayOut
 from herald.errors import ValidationError
@@ -138,6 +140,13 @@ def replay_dead_letters(body: ReplayIn, request: Request, session: SessionDep, t
     result = queries.replay_report(
         session=session, tenant_id=tenant.id, ids=body.ids, where=where, force=body.force, now=utcnow()
     )
+    if result.replayed:  # dead -> queued: live timelines hear of it once committed
+        rows = session.execute(
+            select(Delivery.id, Delivery.tenant_id, Delivery.subject, Delivery.event_id, Delivery.channel).where(
+                Delivery.id.in_(result.replayed)
+            )
+        ).all()
+        live.note_deliveries(session, rows, DeliveryState.queued)
     session.commit()
     if result.replayed:
         request.app.state.wake()
