@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +161,59 @@ def test_kill_9_during_ingestion_resumes_without_losing_or_doubling_a_line(
     assert deliveries == subjects == events == total
     wait_until((drops / "done" / "big.txt").exists, timeout_s=10, what="the file to move to done/")
     assert not path.exists()
+
+
+def test_a_failing_receiver_leaves_dead_letters_that_the_cli_lists_and_replays_under_the_same_webhook_ids(
+    settings: Settings,
+    client: TestClient,
+    auth: dict[str, str],
+    receiver: Receiver,
+    processes: Processes,
+) -> None:
+    healthy = threading.Event()
+    receiver.behaviour = lambda _id, _n: 200 if healthy.is_set() else 500
+    endpoint = client.post("/v1/endpoints", json={"url": receiver.url}, headers=auth).json()
+    receiver.secrets.append(endpoint["secret"])
+    drops = settings.data_dir / "drops"
+    campaign = drops / "winback"
+    campaign.mkdir(parents=True)
+    config = {"tenant": "acme", "endpoint_id": endpoint["id"], "event_type": "promo.winback"}
+    (campaign / "campaign.json").write_text(json.dumps(config))
+    processes.env.update({"HERALD_INGEST__RESCAN_S": "0.5", "HERALD_INGEST__REPORT_EVERY_S": "0.5"})
+    processes.start("watch", "watch")
+    processes.worker(lanes="bulk")
+    processes.dispatcher()
+    users = [f"user-{n}" for n in range(10)]
+    drop_file(campaign, "users.txt", lambda out: out.writelines(f"{u}\n" for u in users))
+    max_attempts = settings.retry.max_attempts
+    report_file = drops / "done" / "winback" / "users.txt.report.json"
+
+    def report_when(done: Any) -> Any:
+        return lambda: report_file.exists() and done(r := json.loads(report_file.read_text())) and r
+
+    # Every attempt fails: each delivery retries, then dies; the report and the API count the dead.
+    report = wait_until(report_when(lambda r: r["state"] == "finished"), timeout_s=60, what="every delivery to die")
+    assert (report["accepted"], report["delivered"], report["dead"], report["pending"]) == (10, 0, 10, 0)
+    assert len(receiver.received) == 10 * max_attempts and {r.status for r in receiver.received} == {500}
+    drop_id = report["drop_id"]
+    shown = client.get(f"/v1/drops/{drop_id}", headers=auth).json()
+    assert shown["state"] == "finished"
+    assert shown["progress"] == {"delivered": 0, "dead": 10, "pending": 0, "other": 0, "percent": 100.0}
+
+    listed = [json.loads(line) for line in herald(settings, "drops", "dead-letters", drop_id, "--json").splitlines()]
+    assert sorted(d["user_id"] for d in listed) == users
+    assert all(d["attempts"] == max_attempts and "HTTP 500" in d["last_error"] for d in listed), listed
+    dead_ids = sorted(d["id"] for d in listed)
+    assert sorted(receiver.ids()) == dead_ids  # the webhook-id each attempt carried is the delivery id
+
+    healthy.set()
+    assert herald(settings, "drops", "replay", drop_id).strip() == "replayed 10, skipped 0"
+    report = wait_until(
+        report_when(lambda r: r["state"] == "finished" and r["delivered"] == 10), timeout_s=30, what="the replays"
+    )
+    assert (report["delivered"], report["dead"], report["pending"]) == (10, 0, 0)
+    assert sorted(r.webhook_id for r in receiver.received if r.status == 200) == dead_ids  # once each, same ids
+    assert len(receiver.received) == 10 * (max_attempts + 1) and receiver.bad_signatures == 0
+    shown = client.get(f"/v1/drops/{drop_id}", headers=auth).json()
+    assert shown["progress"] == {"delivered": 10, "dead": 0, "pending": 0, "other": 0, "percent": 100.0}
+    assert client.get(f"/v1/drops/{drop_id}/dead-letters", headers=auth).json()["data"] == []
