@@ -56,19 +56,17 @@ DELIVERY_COLUMNS = (
 class IntakePolicy:
     """Tenant-independent rules of intake, from settings.
 
-    ``unsubscribe`` builds the signed ``List-Unsubscribe`` headers of non-critical mail
-    (``unsubscribe.headers(...)``); ``unsubscribe_url`` is the older unsigned form it replaces.
+    ``unsubscribe`` builds the signed ``List-Unsubscribe`` headers of non-critical mail; without
+    it (tests of other rules) mail carries none.
     """
 
     critical_categories: frozenset[str] = frozenset({"otp", "security"})
-    unsubscribe_url: str = ""
     unsubscribe: UnsubscribeLinks | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, link_key: bytes | None = None) -> IntakePolicy:
         return cls(
             critical_categories=frozenset(settings.critical_categories),
-            unsubscribe_url=settings.smtp.unsubscribe_url,
             unsubscribe=UnsubscribeLinks.from_settings(settings, key=link_key),
         )
 
@@ -385,12 +383,10 @@ def _deliveries(
                 rows.append(row(channel, due, deliver_by, state=DeliveryState.suppressed, last_error=reason, **extra))
                 continue
             content = _render(plan, template, context)
-            if channel == Channel.email and not critical and policy.unsubscribe_url:
-                link = f"{policy.unsubscribe_url.rstrip('/')}/{tenant.id}/{person.external_id}/{category}"
-                content["headers"] = {
-                    "List-Unsubscribe": f"<{link}>",
-                    "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
-                }
+            if channel == Channel.email and not critical and policy.unsubscribe is not None:
+                content["headers"] = policy.unsubscribe.headers(
+                    tenant_id=tenant.id, recipient_id=person.id, category=category, channel=channel, now=now
+                )
             rows.append(row(channel, due, deliver_by, address=address, content=content, **extra))
     return rows
 

@@ -437,11 +437,6 @@ def signing_client(unsubscribe_settings: Settings) -> Iterator[TestClient]:
     app.state.redis.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="intake._deliveries (lead's file) still builds the unsigned link from unsubscribe_url; it must call "
-    "policy.unsubscribe.headers(...) instead (see the helper's report). Remove this mark when it does.",
-)
 def test_non_critical_mail_carries_a_signed_one_click_link(
     signing_client: TestClient, auth: dict[str, str], sessions: sessionmaker[Session]
 ) -> None:

@@ -51,7 +51,7 @@ def run(settings: Settings, sessions: sessionmaker[Session], name: str, *, sent_
             logger.info("periodic %s: tick %s already run", name, tick.isoformat())
             return False
         if name == "recurring":
-            policy = IntakePolicy(frozenset(settings.critical_categories), settings.smtp.unsubscribe_url)
+            policy = IntakePolicy.from_settings(settings)
             emitted = fire_due(session=session, now=now, policy=policy, to_event=_to_event)
             if emitted:
                 logger.info("recurring: %d occurrences emitted", emitted)
