@@ -33,9 +33,12 @@ class Child:
     started_at: float = 0.0
     next_start: float = 0.0
     env: dict[str, str] = field(default_factory=dict)
+    # A child in a session of its own does not get the terminal's Ctrl-C: the supervisor stops
+    # it itself, when it chooses (the embedded Redis, last, after every worker has acked).
+    own_session: bool = False
 
     def start(self, base_env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(self.argv, env={**base_env, **self.env})
+        self.process = subprocess.Popen(self.argv, env={**base_env, **self.env}, start_new_session=self.own_session)
         self.started_at = time.monotonic()
         logger.info("started %s (pid %d)", self.name, self.process.pid)
 
@@ -64,7 +67,7 @@ def embedded_redis(data_dir: Path) -> Child:
         "--daemonize", "no",
         "--loglevel", "warning",
     ]  # fmt: skip
-    return Child("redis", argv)
+    return Child("redis", argv, own_session=True)
 
 
 def wait_for_redis(url: str, timeout_s: float = 15.0) -> None:
@@ -80,6 +83,13 @@ def wait_for_redis(url: str, timeout_s: float = 15.0) -> None:
             time.sleep(0.05)
 
 
+def _answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
 def herald_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "herald.cli", *args]
 
@@ -89,6 +99,7 @@ class Supervisor:
         self.settings = settings
         self.stopping = False
         self.redis_child: Child | None = None
+        self.adopted_redis = False
         self.children: list[Child] = [
             Child("api", herald_argv("api")),
             Child("dispatcher", herald_argv("scheduler")),
@@ -107,11 +118,17 @@ class Supervisor:
         try:
             if not self.settings.redis.url:
                 sock = data_dir / "redis.sock"
-                if sock.exists():
-                    sock.unlink()
-                self.redis_child = embedded_redis(data_dir)
-                self.redis_child.start(env)
-                logger.info("embedded Redis on %s (append-only file in %s)", sock, data_dir)
+                if _answers(self.settings.redis_url):
+                    # Our Redis runs in a session of its own, so a supervisor killed with -9 leaves
+                    # it behind; it holds this folder's data, so carry on with it (and stop it at the end).
+                    self.adopted_redis = True
+                    logger.warning("embedded Redis on %s was still running; using it", sock)
+                else:
+                    if sock.exists():
+                        sock.unlink()
+                    self.redis_child = embedded_redis(data_dir)
+                    self.redis_child.start(env)
+                    logger.info("embedded Redis on %s (append-only file in %s)", sock, data_dir)
             wait_for_redis(self.settings.redis_url)
             from herald.store.db import make_engine
             from herald.store.migrate import upgrade
@@ -163,6 +180,11 @@ class Supervisor:
                 logger.warning("%s did not stop in time; killing it", name)
                 process.kill()
                 process.wait()
+        if self.adopted_redis:
+            try:
+                redis.Redis.from_url(self.settings.redis_url, socket_timeout=10).shutdown()
+            except (redis.RedisError, OSError):
+                pass  # SHUTDOWN closes the connection as it succeeds
         redis_process = self.redis_child.process if self.redis_child is not None else None
         if redis_process is not None and redis_process.poll() is None:
             redis_process.send_signal(signal.SIGTERM)  # Redis flushes its AOF on SIGTERM

@@ -60,10 +60,14 @@ def test_always_500_dies_after_max_attempts_and_replay_delivers_once(
 
     healthy = True
     answer = client.post("/v1/dead-letters/replay", json={"ids": [delivery_id]}, headers=auth)
-    assert answer.json() == {"replayed": [delivery_id], "skipped": []}
+    assert answer.json() == {"replayed": [delivery_id], "skipped": [], "reasons": {}}
     wait_until(lambda: settled(client, auth, delivery_id, "delivered"), what="the replay to deliver")
     again = client.post("/v1/dead-letters/replay", json={"ids": [delivery_id]}, headers=auth)
-    assert again.json() == {"replayed": [], "skipped": [delivery_id]}
+    assert again.json() == {
+        "replayed": [],
+        "skipped": [delivery_id],
+        "reasons": {delivery_id: "state delivered: not dead; force re-sends it"},
+    }
     # Give a wrongly replayed delivery every chance to arrive before counting.
     processes_settle = client.post("/v1/events", json={"type": "ticket.updated"}, headers=auth).json()
     wait_until(

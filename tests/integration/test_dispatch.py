@@ -34,11 +34,6 @@ from herald.worker.celery_app import DELIVER_BATCH, make_celery
 
 LANE = "transactional"
 
-# Each make_celery() registers its tasks as Celery "shared" tasks, so a second app in one process
-# also receives the first app's (equal) task and Celery warns of the duplicate name. A process
-# runs one app in production; these tests build several and only publish, never run, the tasks.
-pytestmark = pytest.mark.filterwarnings("ignore::celery.exceptions.DuplicateTaskNameWarning")
-
 
 # ------------------------------------------------------------------ helpers
 

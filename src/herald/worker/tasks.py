@@ -17,14 +17,16 @@ logger = logging.getLogger(__name__)
 
 
 def register(app: Celery, settings: Settings) -> None:
-    @app.task(name=DELIVER_BATCH, ignore_result=True)
+    # shared=False: the tasks belong to this app only (a second app in one process, as in tests,
+    # would otherwise inherit them and Celery warns about the duplicate names).
+    @app.task(name=DELIVER_BATCH, ignore_result=True, shared=False)
     def deliver_batch(ids: list[Any]) -> None:
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             logger.error("deliver_batch: expected a list of delivery ids, dropping message")
             return
         runtime_for(settings).deliver(ids)
 
-    @app.task(name=PERIODIC, ignore_result=True)
+    @app.task(name=PERIODIC, ignore_result=True, shared=False)
     def periodic(name: str) -> None:
         runtime = runtime_for(settings)
         if jobs.run(settings, runtime.sessions, name):
