@@ -171,9 +171,16 @@ def tenants() -> None:
 
 
 def _sessions() -> Any:
+    """Sessions for a command; what they change (replays) is published to live timelines on commit."""
+    import redis
+
+    from herald import live
     from herald.store.db import make_engine, make_sessionmaker
 
-    return make_sessionmaker(make_engine(settings().database_url))
+    s = settings()
+    sessions = make_sessionmaker(make_engine(s.database_url))
+    live.install(sessions, redis.Redis.from_url(s.redis_url, socket_timeout=5), s.redis.key_prefix)
+    return sessions
 
 
 # A tenant's retry overrides; without them its deliveries follow HERALD_RETRY__*. The window is

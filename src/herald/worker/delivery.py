@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import redis
 from sqlalchemy import Connection, Table, select, update
 
-from herald import keys
+from herald import keys, live
 from herald.channels.base import EmailMessage, Sent, SmsMessage, WebhookMessage
 from herald.channels.email import EmailChannel
 from herald.channels.sms import SmsChannel
@@ -170,9 +170,11 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.engine = make_engine(settings.database_url, pool_size=2)
-        self.sessions = make_sessionmaker(self.engine)  # for periodic jobs, which use the ORM
         self.redis: redis.Redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
         self.prefix = settings.redis.key_prefix
+        # For periodic jobs, which use the ORM; what they change is published to live timelines.
+        self.sessions = make_sessionmaker(self.engine)
+        live.install(self.sessions, self.redis, self.prefix)
         self.pacing = Pacing(self.redis, prefix=self.prefix)
         self.loop = asyncio.new_event_loop()
         self.webhook = WebhookChannel(settings.webhook)
