@@ -215,3 +215,13 @@ def zoned_days(draw: st.DrawFn) -> tuple[zoneinfo.ZoneInfo, date]:
 
 # Local wall times, often on the round hours and half hours where offset changes happen.
 wall_times = st.times() | st.builds(dt_time, st.integers(0, 23), st.sampled_from([0, 15, 30, 45, 59]))
+
+
+# ---------------------------------------------------------------- event data (webhook payloads)
+
+json_values: st.SearchStrategy[object] = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+event_data: st.SearchStrategy[dict[str, object]] = st.dictionaries(st.text(max_size=12), json_values, max_size=6)

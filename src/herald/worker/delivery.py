@@ -34,7 +34,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import redis
-from sqlalchemy import Connection, Table, select, update
+from sqlalchemy import Connection, Table, Text, cast, select, update
 
 from herald import keys, live
 from herald.channels.base import EmailMessage, Sent, SmsMessage, WebhookMessage
@@ -150,6 +150,20 @@ def webhook_body(event: EventLike, content: dict[str, Any] | None = None) -> byt
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def raw_webhook_body(*, event_id: str, type: str, subject: str | None, created_at: datetime, data_json: str) -> bytes:
+    """``webhook_body`` for an event without a template, from the stored JSON text of its data.
+
+    The same JSON value as ``webhook_body`` gives (the stored text is spliced in, not decoded and
+    encoded again: a bulk batch is hundreds of payloads), and the same bytes on every attempt.
+    """
+    head = json.dumps(
+        {"id": event_id, "type": type, "subject": subject, "timestamp": created_at.isoformat()},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return f'{head[:-1]},"data":{data_json}}}'.encode()
+
+
 def otp_key(prefix: str, delivery_id: str) -> str:
     return keys.otp_code(prefix, delivery_id)
 
@@ -232,12 +246,17 @@ class Runtime:
 
     def _jobs(self, conn: Connection, taken: list[Taken], now: datetime) -> tuple[list[Job], list[tuple[Any, ...]]]:
         """The job of each taken delivery, and the rows that end here (expired, unsendable)."""
+        # The data as stored JSON text: webhook payloads splice it in rather than decode it.
         events = {
             row.id: row
             for row in conn.execute(
-                select(_EVENTS.c.id, _EVENTS.c.type, _EVENTS.c.subject, _EVENTS.c.created_at, _EVENTS.c.data).where(
-                    _EVENTS.c.id.in_({t.event_id for t in taken})
-                )
+                select(
+                    _EVENTS.c.id,
+                    _EVENTS.c.type,
+                    _EVENTS.c.subject,
+                    _EVENTS.c.created_at,
+                    cast(_EVENTS.c.data, Text).label("data_json"),
+                ).where(_EVENTS.c.id.in_({t.event_id for t in taken}))
             )
         }
         endpoint_ids = list({t.endpoint_id for t in taken if t.endpoint_id})
@@ -286,11 +305,15 @@ class Runtime:
         if delivery.channel == Channel.webhook:
             if endpoint is None or not endpoint.enabled:
                 return None, "endpoint disabled or deleted"
+            if content and "body" in content:  # a tenant's webhook template, rendered at intake
+                body = webhook_body(event, content)
+            else:
+                body = raw_webhook_body(
+                    event_id=event.id, type=event.type, subject=event.subject, created_at=event.created_at,
+                    data_json=event.data_json,
+                )  # fmt: skip
             return WebhookMessage(
-                delivery_id=delivery.id,
-                url=endpoint.url,
-                secrets=secrets.get(endpoint.id, []),
-                body=webhook_body(event, delivery.content),
+                delivery_id=delivery.id, url=endpoint.url, secrets=secrets.get(endpoint.id, []), body=body
             ), ""
         if not delivery.address:
             return None, "no address (recipient deleted?)"
