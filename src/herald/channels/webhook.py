@@ -210,6 +210,12 @@ async def _read_head(response: aiohttp.ClientResponse, limit: int) -> bytes:
     receiver that stalls or breaks mid-body does not turn a 2xx into a failure. A body left
     unread makes aiohttp close the connection on release instead of pooling it.
     """
+    length = response.content_length
+    if length is not None and length <= limit:  # the usual case: a short body, read at once
+        try:
+            return await response.read()
+        except (aiohttp.ClientError, TimeoutError):
+            return b""
     head = bytearray()
     try:
         while len(head) < limit:
