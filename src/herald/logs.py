@@ -20,8 +20,9 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
         r"\1\2***",
     ),
     (re.compile(r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,255}\.[A-Za-z]{2,24}"), "***@***"),
-    # Phone numbers: digits with spaces, brackets or dashes (dots would eat IP addresses).
-    (re.compile(r"\+?\d[\d ()-]{6,}\d"), "***"),
+    # Phone numbers: digits with spaces, brackets or dashes (dots would eat IP addresses); not
+    # the fraction of a decimal ("succeeded in 0.0123456s" keeps its duration).
+    (re.compile(r"(?<![\d.])\+?\d[\d ()-]{6,}\d"), "***"),
     # Any other run of 4+ digits could be a code; ports, pids and dotted numbers are left alone.
     (re.compile(r"(?<![\w:.])(?<!pid )\d{4,}(?![\w.])"), "***"),
 ]

@@ -28,6 +28,11 @@ def test_ordinary_operational_text_survives() -> None:
     assert redact(text) == text
 
 
+def test_durations_survive_but_a_number_after_a_word_does_not() -> None:
+    assert redact("Task herald.deliver_batch[abc] succeeded in 0.012345678s: None").endswith("in 0.012345678s: None")
+    assert "15555550100" not in redact("sent to tel:+15555550100 and 15555550100")
+
+
 def test_limit_cuts_long_text() -> None:
     assert len(redact("x" * 500, limit=100)) == 100
 
