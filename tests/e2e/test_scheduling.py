@@ -6,6 +6,8 @@ import itertools
 import time
 from collections import Counter
 from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from herald.config import Settings
 from herald.store.models import Attempt, Delivery, Event, utcnow
 from tests.e2e.test_delivery import delivery, make_endpoint
-from tests.support import Processes, Receiver, assert_problem, wait_until
+from tests.support import MailSink, Processes, Receiver, assert_problem, row_counts, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +66,7 @@ def test_scheduled_sends_are_never_early_and_barely_late(
 
 
 def test_schedule_keys_move_cancel_and_refuse_what_was_sent(
-    client: TestClient, auth: dict[str, str], receiver: Receiver, processes: Processes
+    client: TestClient, auth: dict[str, str], receiver: Receiver, processes: Processes, sessions: sessionmaker[Session]
 ) -> None:
     make_endpoint(client, auth, receiver)
     processes.worker()
@@ -77,17 +79,22 @@ def test_schedule_keys_move_cancel_and_refuse_what_was_sent(
     other = post(client, auth, subject="visit:99", schedule_key="visit:99:reminder", send_at=at(30))
     canceled = client.delete("/v1/schedules/visit:99:reminder", headers=auth)
     assert canceled.status_code == 200 and canceled.json()["canceled"] == [first_id(other)]
+    before, record = row_counts(sessions), delivery(client, auth, first_id(other))
     assert_problem(client.delete("/v1/schedules/visit:99:reminder", headers=auth), 409, "conflict", "key")
     assert_problem(client.delete("/v1/schedules/nope", headers=auth), 404, "not_found", "key")
+    assert row_counts(sessions) == before and delivery(client, auth, first_id(other)) == record  # nothing written
 
     wait_until(lambda: receiver.ids() == {first_id(moved)}, timeout_s=20, what="the moved reminder")
     wait_until(lambda: delivery(client, auth, first_id(moved))["state"] == "delivered", what="recorded")
+    before, record = row_counts(sessions), delivery(client, auth, first_id(moved))
     late = client.post(
         "/v1/events",
         json={"type": "visit.reminder", "schedule_key": "visit:88:reminder", "send_at": at(30)},
         headers=auth,
     )
     assert_problem(late, 409, "conflict", "schedule_key")
+    assert_problem(client.delete("/v1/schedules/visit:88:reminder", headers=auth), 409, "conflict", "key")
+    assert row_counts(sessions) == before and delivery(client, auth, first_id(moved)) == record  # nothing written
     assert client.get("/v1/schedules", params={"prefix": "visit:"}, headers=auth).json()["data"] == []
 
 
@@ -109,21 +116,66 @@ def test_deadlines_expire_instead_of_sending_late(
     assert_problem(refused, 422, "validation_error", "send_at")
 
 
-def test_quiet_hours_defer_non_critical_sends(client: TestClient, auth: dict[str, str]) -> None:
+def test_quiet_hours_defer_non_critical_sends_to_the_window_s_end_unless_that_passes_the_deadline(
+    client: TestClient, auth: dict[str, str], processes: Processes, mail: MailSink
+) -> None:
+    processes.env |= {"HERALD_SMTP__HOST": "127.0.0.1", "HERALD_SMTP__PORT": str(mail.port), "HERALD_SMTP__TLS": "none"}
+    processes.worker()
+    processes.dispatcher()
+    template = {"subject": "{{ data.n }}", "text": "See you"}
+    assert client.put("/v1/templates/visit.reminder/email/default", json=template, headers=auth).status_code < 300
+    assert client.put("/v1/recipients/p-0", json={"email": "p0@example.com"}, headers=auth).status_code < 300
+    post(client, auth, recipients=["p-0"], data={"n": "canary"})
+    wait_until(lambda: mail.to("p0@example.com"), timeout_s=60, what="the pipeline to be up")
+    # Quiet hours are whole minutes, so the shortest window that holds "now" ends at the next
+    # minute (the one after, if the next is too close to see the window at work): 10 to 70 s away.
+    zone = ZoneInfo("Asia/Kolkata")  # UTC+05:30: local minutes, not UTC ones
     now = utcnow()
-    start, end = (now - timedelta(hours=1)).strftime("%H:%M"), (now + timedelta(hours=2)).strftime("%H:%M")
-    person = {"email": "p1@example.com", "timezone": "UTC", "quiet_hours": {"start": start, "end": end}}
-    client.put("/v1/recipients/p-1", json=person, headers=auth)
-    client.put("/v1/templates/visit.reminder/email/default", json={"subject": "Visit", "text": "See you"}, headers=auth)
-    client.put("/v1/templates/otp.login/email/default", json={"subject": "Code", "text": "{{ code }}"}, headers=auth)
-    answer = post(client, auth, recipients=["p-1"])
-    due = datetime.fromisoformat(answer["deliveries"][0]["due_at"])  # type: ignore[index]
-    assert answer["deliveries"][0]["state"] == "scheduled"  # type: ignore[index]
-    assert due.strftime("%H:%M") == end and due > now
-    urgent = post(client, auth, recipients=["p-1"], category="security")
-    assert urgent["deliveries"][0]["state"] == "queued"  # type: ignore[index]
-    bounded = post(client, auth, recipients=["p-1"], deliver_by=at(600))
-    assert bounded["deliveries"][0]["state"] == "queued"  # type: ignore[index]  # waiting would pass the deadline
+    end = (now + timedelta(minutes=1)).replace(second=0, microsecond=0)
+    if end - now < timedelta(seconds=10):
+        end += timedelta(minutes=1)
+    window = {"start": (now - timedelta(hours=1)).astimezone(zone).strftime("%H:%M"),
+              "end": end.astimezone(zone).strftime("%H:%M")}  # fmt: skip
+    person = {"email": "p1@example.com", "timezone": zone.key, "quiet_hours": window}
+    assert client.put("/v1/recipients/p-1", json=person, headers=auth).status_code < 300
+
+    deferred = first(post(client, auth, recipients=["p-1"], data={"n": "deferred"}))
+    urgent = first(post(client, auth, recipients=["p-1"], data={"n": "urgent"}, category="security"))
+    # Waiting for the window to end would pass this one's deadline: as documented, it goes now.
+    deadline = end - timedelta(seconds=1)
+    bounded = first(post(client, auth, recipients=["p-1"], data={"n": "bounded"}, deliver_by=deadline.isoformat()))
+    assert [d["state"] for d in (deferred, urgent, bounded)] == ["scheduled", "queued", "queued"]
+    assert datetime.fromisoformat(deferred["due_at"]) == end
+
+    def sent() -> list[str]:
+        return sorted(m["Subject"] for m in mail.to("p1@example.com"))
+
+    wait_until(lambda: sent() == ["bounded", "urgent"], timeout_s=10, what="the sends that do not wait")
+    record = wait_until(lambda: recorded(client, auth, bounded["id"]), timeout_s=10, what="the bounded send recorded")
+    assert started_at(record) < deadline
+    wait_until(lambda: utcnow() >= end - timedelta(seconds=0.5), timeout_s=70)
+    assert sent() == ["bounded", "urgent"], "the deferred send went out inside quiet hours"
+    wait_until(lambda: "deferred" in sent(), timeout_s=30, what="the deferred send after the window")
+    record = wait_until(lambda: recorded(client, auth, deferred["id"]), timeout_s=10, what="the deferred send recorded")
+    assert record["attempt_count"] == 1 and started_at(record) >= end
+
+
+def recorded(client: TestClient, auth: dict[str, str], delivery_id: str) -> dict[str, object] | None:
+    """The delivery once it is recorded as delivered (the mail may arrive a moment before)."""
+    record = delivery(client, auth, delivery_id)
+    return record if record["state"] == "delivered" else None
+
+
+def first(answer: dict[str, object]) -> dict[str, Any]:
+    deliveries = answer["deliveries"]
+    assert isinstance(deliveries, list)
+    return dict(deliveries[0])
+
+
+def started_at(record: dict[str, object]) -> datetime:
+    attempts = record["attempts"]
+    assert isinstance(attempts, list) and attempts
+    return datetime.fromisoformat(attempts[0]["started_at"])
 
 
 @pytest.fixture
