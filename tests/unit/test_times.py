@@ -249,3 +249,10 @@ def test_cron_matches_a_minute_by_minute_reference(
 def test_bad_cron_is_refused(expression: str) -> None:
     with pytest.raises(ValidationError, match=r"cron: not a 5-field cron expression"):
         validate_cron(expression)
+
+
+@pytest.mark.parametrize("expression", ["0 0 30 2 *", "0 0 31 4,6,9,11 *"])
+def test_a_cron_that_never_fires_is_refused(expression: str) -> None:
+    with pytest.raises(ValidationError, match=r"cron: the expression never fires"):
+        validate_cron(expression)
+    assert validate_cron("0 0 29 2 *") == "0 0 29 2 *"  # leap days come

@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from herald.errors import ValidationError
 
@@ -106,6 +106,10 @@ def validate_cron(expression: str, *, field: str = "cron") -> str:
         raise ValidationError(
             f"{field}: not a 5-field cron expression (6 with seconds), got {expression!r}", field=field
         )
+    try:  # valid fields can still name a day that never comes (30 February)
+        croniter(expression, datetime(2025, 1, 1)).get_next(datetime)
+    except CroniterBadDateError:
+        raise ValidationError(f"{field}: the expression never fires, got {expression!r}", field=field) from None
     return expression
 
 
