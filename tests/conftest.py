@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import redis
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
-from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from herald.api.app import create_app
@@ -30,9 +30,7 @@ from tests.support import MailSink, Processes, Receiver, SmsProvider, free_port,
 
 # Examples are judged on what they find, not on how fast a loaded 2-core machine draws them:
 # wall-clock health checks and deadlines only turn the neighbours' load into flaky failures.
-hypothesis_settings.register_profile(
-    "herald", deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+hypothesis_settings.register_profile("herald", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 hypothesis_settings.load_profile("herald")
 
 PG_ENV = "HERALD_TEST_POSTGRES_URL"

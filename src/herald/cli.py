@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -111,6 +112,11 @@ def worker(lanes: str, concurrency: int | None, name: str | None) -> None:
         raise click.BadParameter(f"unknown lane {unknown[0] if unknown else ''!r}; lanes are {', '.join(LANES)}")
     s = settings()
     app = make_celery(s)
+    # A worker of the bulk lane alone is background work: it yields the CPU (nice) and, on
+    # SQLite, the write lock to everything else on this machine.
+    app.conf.herald_background = set(chosen) <= {"bulk"}
+    if app.conf.herald_background:
+        _be_background(s)
     argv = [
         "worker",
         "-Q", ",".join(chosen),
@@ -123,6 +129,12 @@ def worker(lanes: str, concurrency: int | None, name: str | None) -> None:
     if s.worker.max_tasks_per_child:
         argv += ["--max-tasks-per-child", str(s.worker.max_tasks_per_child)]
     app.worker_main(argv)
+
+
+def _be_background(s: Settings) -> None:
+    """Lower this process's CPU priority by ``HERALD_WORKER__BULK_NICE`` (children inherit it)."""
+    if s.worker.bulk_nice:
+        os.nice(s.worker.bulk_nice)
 
 
 @main.command()
@@ -384,9 +396,10 @@ def watch(directory: str | None, once: bool) -> None:
     from herald.store.db import make_engine, make_sessionmaker
 
     s = settings()
+    _be_background(s)  # ingesting a drop is bulk work: the API and urgent lanes go first
     watcher = Watcher(
         settings=s,
-        sessions=make_sessionmaker(make_engine(s.database_url)),
+        sessions=make_sessionmaker(make_engine(s.database_url, background=True)),
         client=make_redis(s),
         directory=Path(directory) if directory else None,
     )

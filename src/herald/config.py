@@ -182,6 +182,9 @@ class SchedulerSettings(BaseModel):
 class WorkerSettings(BaseModel):
     concurrency: int = Field(default=2, ge=1)
     max_tasks_per_child: int = Field(default=0, ge=0)
+    # CPU priority offset (nice) of workers that serve only the bulk lane and of the drop
+    # ingester, so that on a shared machine the urgent lanes and the API go first.
+    bulk_nice: int = Field(default=10, ge=0, le=19)
 
 
 class IngestSettings(BaseModel):

@@ -137,8 +137,11 @@ def test_endpoint_concurrency_limit_and_pause_after_503(
     # Two workers of two processes each: the limit holds for the fleet, not per process.
     processes.worker("worker-a", concurrency=2)
     processes.worker("worker-b", concurrency=2)
-    for name in ("worker-a", "worker-b"):
-        wait_until(lambda: " ready." in processes.log(name), timeout_s=60, what=f"{name} to be ready")
+    wait_until(
+        lambda: all(" ready." in processes.log(name) for name in ("worker-a", "worker-b")),
+        timeout_s=60,
+        what="both workers to be ready",
+    )
     processes.env["HERALD_DISPATCH__MAX_BATCH"] = "3"  # several messages, so every process gets work
     processes.dispatcher()
     events = [{"type": "drop.user", "subject": f"user:{i}", "lane": "bulk"} for i in range(16)]

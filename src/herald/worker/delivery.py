@@ -181,9 +181,9 @@ class Batch:
 class Runtime:
     """Per-process delivery machinery."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, background: bool = False) -> None:
         self.settings = settings
-        self.engine = make_engine(settings.database_url, pool_size=2)
+        self.engine = make_engine(settings.database_url, pool_size=2, background=background)
         self.redis: redis.Redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
         self.prefix = settings.redis.key_prefix
         # For periodic jobs, which use the ORM; what they change is published to live timelines.
@@ -567,9 +567,11 @@ def _disable_endpoints(conn: Connection, ids: list[str], now: datetime) -> None:
 _runtime: tuple[int, Runtime] | None = None
 
 
-def runtime_for(settings: Settings) -> Runtime:
-    """This process's runtime, created on first use (after Celery forks its pool processes)."""
+def runtime_for(settings: Settings, *, background: bool = False) -> Runtime:
+    """This process's runtime, created on first use (after Celery forks its pool processes).
+
+    ``background``: the worker serves only the bulk lane (see ``store.db.make_engine``)."""
     global _runtime
     if _runtime is None or _runtime[0] != os.getpid():
-        _runtime = (os.getpid(), Runtime(settings))
+        _runtime = (os.getpid(), Runtime(settings, background=background))
     return _runtime[1]

@@ -24,7 +24,7 @@ def register(app: Celery, settings: Settings) -> None:
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             logger.error("deliver_batch: expected a list of delivery ids, dropping message")
             return
-        runtime_for(settings).deliver(ids)
+        runtime_for(settings, background=app.conf.get("herald_background", False)).deliver(ids)
 
     @app.task(name=PERIODIC, ignore_result=True, shared=False)
     def periodic(name: str) -> None:

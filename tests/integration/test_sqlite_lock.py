@@ -1,0 +1,122 @@
+"""SQLite writers queue on file locks beside the database (``store.db``), readers do not.
+
+The locks are probed from outside with a non-blocking ``flock``, as another Herald process would
+meet them; a real process is killed with -9 while holding one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+
+from herald.store.db import make_engine, reader
+from tests.support import sqlite_database, wait_until
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    url = sqlite_database(tmp_path)
+    yield url, tmp_path / "herald.db"
+
+
+def held(path: Path) -> bool:
+    """Whether some other open file holds ``path``'s lock."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def locks(db: Path) -> tuple[bool, bool]:
+    """(background lock held, write lock held)."""
+    return held(Path(f"{db}-background.lock")), held(Path(f"{db}-write.lock"))
+
+
+@contextmanager
+def engine_for(url: str, *, background: bool = False) -> Iterator[Engine]:
+    engine = make_engine(url, background=background)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def test_a_write_transaction_holds_the_write_lock_until_it_ends(database: tuple[str, Path]) -> None:
+    url, db = database
+    with engine_for(url) as engine:
+        assert locks(db) == (False, False)
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('ten_1', 'a', '2026-01-01')"))
+            assert locks(db) == (False, True)
+        assert locks(db) == (False, False)  # committed
+        with pytest.raises(RuntimeError), engine.begin() as conn:
+            conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('ten_2', 'b', '2026-01-01')"))
+            assert locks(db) == (False, True)
+            raise RuntimeError("rolled back")
+        assert locks(db) == (False, False)  # rolled back
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT id FROM tenants")).scalars().all() == ["ten_1"]
+
+
+def test_readers_take_no_lock(database: tuple[str, Path]) -> None:
+    url, db = database
+    with engine_for(url) as engine, reader(engine).begin() as conn:
+        assert conn.execute(text("SELECT count(*) FROM tenants")).scalar() == 0
+        assert locks(db) == (False, False)
+
+
+def test_a_background_writer_holds_the_background_lock_too(database: tuple[str, Path]) -> None:
+    url, db = database
+    with engine_for(url, background=True) as engine:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('ten_1', 'a', '2026-01-01')"))
+            assert locks(db) == (True, True)
+        assert locks(db) == (False, False)
+
+
+HOLDER = """
+import sys, time
+from sqlalchemy import text
+from herald.store.db import make_engine
+engine = make_engine(sys.argv[1], background=True)
+conn = engine.connect()
+conn.begin()
+conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('ten_9', 'z', '2026-01-01')"))
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_writer_killed_with_9_leaves_no_lock_behind(database: tuple[str, Path]) -> None:
+    url, db = database
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        assert locks(db) == (True, True)
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+        wait_until(lambda: locks(db) == (False, False), timeout_s=5, what="the dead writer's locks to go")
+        with engine_for(url) as engine, engine.begin() as conn:  # the next writer goes straight on
+            conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('ten_1', 'a', '2026-01-01')"))
+            assert conn.execute(text("SELECT id FROM tenants")).scalars().all() == ["ten_1"]  # ten_9 died with it
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(10)
+        if holder.stdout is not None:
+            holder.stdout.close()
