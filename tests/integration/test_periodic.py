@@ -150,6 +150,32 @@ def test_a_recurring_run_that_fails_part_way_emits_nothing_and_leaves_the_tick_t
     assert runs(sessions) == [("recurring", tick, True)]
 
 
+def test_a_recurring_send_that_intake_refuses_does_not_hold_back_the_others(
+    settings: Settings, sessions: sessionmaker[Session], client: TestClient, auth: dict[str, str]
+) -> None:
+    broken = _recurring(client, auth, "* * * * *", "UTC")
+    healthy = _recurring(client, auth, "* * * * *", "UTC")
+    with sessions() as session:
+        recurring = session.get(Recurring, broken)
+        assert recurring is not None
+        endpoint_id = recurring.event["endpoint_ids"][0]
+    assert client.post(f"/v1/endpoints/{endpoint_id}/disable", headers=auth).status_code == 200
+    due = utcnow() - timedelta(seconds=30)
+    with transaction(sessions) as session:
+        session.execute(update(Recurring).where(Recurring.id.in_([broken, healthy])).values(next_fire_at=due))
+    now = utcnow()
+    with transaction(sessions) as session:
+        emitted = fire_due(session=session, now=now, policy=IntakePolicy(), to_event=jobs._to_event)
+    with sessions() as session:
+        keys = session.scalars(select(Event.idempotency_key).where(Event.type == "report.daily")).all()
+    # The healthy send's due occurrences (one or two, as the minute falls) and none of the broken one's.
+    assert emitted == len(keys) >= 1
+    assert {str(k).split(":")[1] for k in keys} == {healthy}
+    with sessions() as session:
+        later = {r.id: r.next_fire_at for r in session.scalars(select(Recurring))}
+    assert all(at is not None and at > now for at in later.values())  # both wait for their next minute
+
+
 def test_a_daily_recurring_send_is_not_doubled_by_the_autumn_fold(
     sessions: sessionmaker[Session], client: TestClient, auth: dict[str, str]
 ) -> None:
