@@ -244,6 +244,9 @@ def test_make_celery_is_at_least_once_json_only_with_a_visibility_timeout_above_
         assert (task.acks_late, task.reject_on_worker_lost, task.serializer) == (True, True, "json")
         assert conf.broker_transport_options["visibility_timeout"] == visibility_timeout
         assert visibility_timeout > settings.dispatch.lease_s + settings.dispatch.reconcile_every_s
+        # Beat's ticks outlive a few minutes of transactional backlog before they expire.
+        expiries = {name: entry["options"]["expires"] for name, entry in conf.beat_schedule.items()}
+        assert expiries == {"recurring": 300.0, "cleanup": settings.scheduler.cleanup_every_s}
         # The value the Redis transport really uses, read from a live connection to the broker.
         with app.connection_for_write() as connection:
             assert connection.default_channel.visibility_timeout == visibility_timeout

@@ -11,6 +11,7 @@ from herald.config import LANES, Settings
 
 DELIVER_BATCH = "herald.deliver_batch"
 PERIODIC = "herald.periodic"
+PERIODIC_EXPIRES_S = 300.0
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -47,8 +48,10 @@ def make_celery(settings: Settings) -> Celery:
                 "task": PERIODIC,
                 "schedule": every_s,
                 "args": [name],
-                # A tick nobody ran in time is dropped: the next tick does the same work.
-                "options": {"queue": "transactional", "expires": every_s},
+                # A tick nobody ran in time is dropped (the next tick does the same work), but not
+                # before a transactional backlog had minutes to drain: expiring after one interval
+                # would drop every tick for as long as a backlog lasts.
+                "options": {"queue": "transactional", "expires": max(every_s, PERIODIC_EXPIRES_S)},
             }
             for name, every_s in (
                 ("recurring", settings.scheduler.recurring_every_s),
