@@ -2,10 +2,11 @@
 
     uv run python bench/otp_latency.py [--otps 200] [--rate 20] [--backlog 100000] [--out bench/results]
 
-One run, real processes on a fresh SQLite file and an empty Redis: ``herald api``, ``herald
+One run, real processes on a fresh SQLite file (``--database postgresql``: a fresh PostgreSQL
+database) and an empty Redis: ``herald api``, ``herald
 scheduler`` (the dispatcher), ``herald watch DIR`` and one worker per lane, as DESIGN.md §1.5 lays
-them out (``--worker NAME=LANES:CONCURRENCY``; default ``otp=otp:1``, ``transactional=
-transactional:1``, ``bulk=bulk:2``). A loopback aiohttp process (this file, ``--serve``) is the
+them out (``--worker NAME=LANES:CONCURRENCY``; default, as ``herald up`` runs them: ``otp=otp:2``,
+``transactional=transactional:2``, ``bulk=bulk:2``). A loopback aiohttp process (this file, ``--serve``) is the
 JSON SMS provider and the webhook receiver and timestamps every message it receives.
 
     idle     --otps OTP requests (``POST /v1/otp``, SMS) paced at --rate per second over
@@ -52,13 +53,13 @@ from common import (  # noqa: E402  (after the sys.path line: celery imports thi
     command_line,
     common_args,
     create_tenant,
+    fresh_database,
     harness,
     herald_env,
     herald_settings,
     machine_info,
     machine_load,
     read_line,
-    sqlite_database,
     start_herald,
     start_redis,
     summary_ms,
@@ -68,7 +69,7 @@ from common import (  # noqa: E402  (after the sys.path line: celery imports thi
 )
 
 GOAL_P99_MS = GOALS["otp_p99_ms"]
-DEFAULT_WORKERS = ["otp=otp:1", "transactional=transactional:1", "bulk=bulk:2"]
+DEFAULT_WORKERS = ["otp=otp:2", "transactional=transactional:2", "bulk=bulk:2"]  # as `herald up` runs them
 
 
 # ------------------------------------------------------------------ the loopback servers (--serve)
@@ -336,6 +337,11 @@ def _errors(answers: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
+    with fresh_database(tmp, args.database, postgres_url=args.postgres_url) as (database_url, _):
+        return _run(args, procs, tmp, database_url)
+
+
+def _run(args: argparse.Namespace, procs: Processes, tmp: Path, database_url: str) -> int:
     import requests
 
     info = machine_info()
@@ -346,7 +352,6 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
     server = LoopbackServer(procs)
     drops = tmp / "drops"
     drops.mkdir()
-    database_url = sqlite_database(tmp)
     _, api_key, bulk_endpoint = create_tenant(database_url, endpoint_url=f"{server.base}/hook")
     # Written before anything starts, so writing it is not part of the load.
     staged = drops / f"bulk-{args.backlog}.txt.part"
@@ -460,7 +465,7 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
             "backlog": args.backlog,
             "backlog_source": args.backlog_source,
             "redis": "private redis-server" if not args.redis_url else f"{args.redis_url} db {args.redis_db}",
-            "database": "sqlite",
+            "database": args.database,
             "processes": herald.commands,
             "settings": herald_settings(env),
         },
@@ -561,6 +566,9 @@ def main() -> int:
     parser.add_argument("--worker", action="append", default=[], metavar="NAME=LANES:C",
                         help=f"a Herald worker (repeatable; default {' '.join(DEFAULT_WORKERS)})")  # fmt: skip
     parser.add_argument("--drain-timeout-s", type=float, default=300.0, help="0: do not wait for the drain")
+    parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
+                        help="server for --database postgresql (a fresh database per run, dropped after)")  # fmt: skip
     common_args(parser)
     args = parser.parse_args()
     if args.serve:

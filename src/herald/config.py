@@ -52,7 +52,7 @@ class DispatchSettings(BaseModel):
     tick_s: float = Field(default=0.5, gt=0)
     max_batch: int = Field(default=200, ge=1)
     max_claim: int = Field(default=2000, ge=1)
-    target_tasks: int = Field(default=8, ge=1)
+    target_tasks: int = Field(default=2, ge=1)
     max_in_flight: int = Field(default=20000, ge=1)
     lease_s: float = Field(default=120.0, gt=0)
     visibility_timeout_s: float = Field(default=0.0, ge=0)
@@ -195,7 +195,8 @@ class IngestSettings(BaseModel):
     """
 
     dir: Path | None = None
-    chunk_size: int = Field(default=5000, ge=1, le=100_000)
+    # A chunk is one write transaction; on SQLite everything else waits for it, so keep it short.
+    chunk_size: int = Field(default=1000, ge=1, le=100_000)
     chunk_pause_s: float = Field(default=0.0, ge=0)
     rescan_s: float = Field(default=5.0, gt=0)
     report_every_s: float = Field(default=30.0, gt=0)

@@ -27,7 +27,7 @@ from herald.links import UnsubscribeLinks
 from herald.logs import redact
 from herald.scheduler.times import QuietHours, Relative, after_quiet_hours, resolve_relative
 from herald.store import queries
-from herald.store.bulk import insert_rows
+from herald.store.bulk import prepare_insert, run_writes
 from herald.store.ids import new_id
 from herald.store.models import (
     TERMINAL_STATES,
@@ -210,9 +210,14 @@ def accept_events(
             )
     # Ready tuples through one executemany (COPY on PostgreSQL): a batch is thousands of rows,
     # and the ORM's bulk insert spent more time building parameters than the database storing them.
-    connection = session.connection()
-    insert_rows(connection, Event, EVENT_COLUMNS, [tuple(r[c] for c in EVENT_COLUMNS) for r in event_rows])
-    insert_rows(connection, Delivery, DELIVERY_COLUMNS, [tuple(r[c] for c in DELIVERY_COLUMNS) for r in delivery_rows])
+    dialect = session.get_bind().dialect
+    writes = [
+        prepare_insert(dialect, Event, EVENT_COLUMNS, [tuple(r[c] for c in EVENT_COLUMNS) for r in event_rows]),
+        prepare_insert(
+            dialect, Delivery, DELIVERY_COLUMNS, [tuple(r[c] for c in DELIVERY_COLUMNS) for r in delivery_rows]
+        ),
+    ]
+    run_writes(session.connection(), writes)
     return [a for a in answers if a is not None]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, text
 
-from herald.store.db import make_engine, reader
+from herald.store import db as store_db
+from herald.store.db import background, make_engine, reader
 from tests.support import sqlite_database, wait_until
 
 
@@ -87,6 +89,14 @@ def test_a_background_writer_holds_the_background_lock_too(database: tuple[str, 
             conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('ten_1', 'a', '2026-01-01')"))
             assert locks(db) == (True, True)
         assert locks(db) == (False, False)
+    with engine_for(url) as engine:  # one transaction of an urgent process marked as bulk work
+        with background(engine).begin() as conn:
+            conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('ten_2', 'b', '2026-01-01')"))
+            assert locks(db) == (True, True)
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('ten_3', 'c', '2026-01-01')"))
+            assert locks(db) == (False, True)
+        assert locks(db) == (False, False)
 
 
 HOLDER = """
@@ -120,3 +130,18 @@ def test_a_writer_killed_with_9_leaves_no_lock_behind(database: tuple[str, Path]
             holder.wait(10)
         if holder.stdout is not None:
             holder.stdout.close()
+
+
+def test_a_writer_stuck_holding_the_lock_fails_the_others_after_the_timeout(
+    database: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, db = database
+    monkeypatch.setattr(store_db, "LOCK_TIMEOUT_S", 0.3)
+    with engine_for(url) as stuck, engine_for(url) as other, stuck.connect() as held_conn:
+        held_conn.begin()
+        held_conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('ten_1', 'a', '2026-01-01')"))
+        with pytest.raises(sqlite3.OperationalError, match="database is locked"), other.begin() as conn:
+            conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('ten_2', 'b', '2026-01-01')"))
+        assert locks(db) == (False, True)  # the loser holds nothing; the stuck writer still does
+        held_conn.rollback()
+    assert locks(db) == (False, False)

@@ -5,6 +5,10 @@ A pass over a lane first asks, in a read-only transaction, whether anything is d
 costs one index probe and never queues for SQLite's write lock. The in-flight cap is kept from
 a count taken now and then plus what this dispatcher claimed since (an upper bound while
 deliveries finish), so a busy lane is not counted on every pass either.
+
+The ``bulk`` lane is dispatched by a thread of its own: its claims are large and, on SQLite, give
+way to everything else (``store.db.background``), and an OTP must never wait for one to finish
+before it is claimed. The urgent lanes' loop is the one the API wakes; it passes the wake on.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 from celery import Celery
@@ -21,11 +26,13 @@ from herald import keys
 from herald.config import LANES, Settings
 from herald.dispatch.batching import chunks
 from herald.store import queries
-from herald.store.db import make_sessionmaker, reader, transaction
+from herald.store.db import background, make_sessionmaker, reader, transaction
 from herald.store.models import utcnow
 from herald.worker.celery_app import DELIVER_BATCH
 
 logger = logging.getLogger(__name__)
+
+BULK = "bulk"
 
 
 class Dispatcher:
@@ -44,8 +51,10 @@ class Dispatcher:
         self.redis = client
         self.lanes = lanes
         self.reads = make_sessionmaker(reader(sessions.kw["bind"]))
+        self.bulk_sessions = make_sessionmaker(background(sessions.kw["bind"]))  # bulk claims give way
         self.wake_key = keys.wake(settings.redis.key_prefix)
         self.stopping = threading.Event()
+        self._bulk_wake = threading.Event()
         self._last_reconcile = 0.0
         # lane -> (deliveries in flight when last counted, when, claimed by us since)
         self._in_flight: dict[str, tuple[int, float, int]] = {}
@@ -53,36 +62,54 @@ class Dispatcher:
     def run(self) -> None:
         """Dispatch until ``stop()``; survives database and broker outages by retrying."""
         logger.info("dispatcher started for lanes %s", ",".join(self.lanes))
+        urgent = tuple(lane for lane in self.lanes if lane != BULK)
+        bulk = threading.Thread(target=self._loop, args=((BULK,), self._bulk_wake.wait), name="dispatch-bulk")
+        if BULK in self.lanes:
+            bulk.start()
+        try:
+            self._loop(urgent, self._wait, reconcile=True)
+        finally:
+            self._bulk_wake.set()
+            if bulk.is_alive():
+                bulk.join()
+
+    def _loop(self, lanes: tuple[str, ...], wait: Callable[[float], object], *, reconcile: bool = False) -> None:
         while not self.stopping.is_set():
             try:
-                busy = self.step()
+                busy = self.step(lanes, reconcile=reconcile)
             except Exception:
                 logger.exception("dispatch step failed; retrying shortly")
                 self.stopping.wait(1.0)
                 continue
             if not busy:
-                self._wait()
+                wait(self.settings.dispatch.tick_s)
+                if lanes == (BULK,):
+                    self._bulk_wake.clear()
 
     def stop(self) -> None:
         self.stopping.set()
+        self._bulk_wake.set()
 
-    def _wait(self) -> None:
+    def _wait(self, timeout_s: float) -> None:
+        """Block until the API (or anyone) pushes a wake-up, or for ``timeout_s``."""
         try:
-            if self.redis.blpop([self.wake_key], timeout=self.settings.dispatch.tick_s):
+            if self.redis.blpop([self.wake_key], timeout=timeout_s):
                 self.redis.delete(self.wake_key)
+                self._bulk_wake.set()
         except redis.RedisError:
-            self.stopping.wait(self.settings.dispatch.tick_s)
+            self.stopping.wait(timeout_s)
 
-    def step(self) -> bool:
-        """One pass over every lane. Returns True if a lane had more due than one claim takes."""
+    def step(self, lanes: tuple[str, ...] | None = None, *, reconcile: bool = True) -> bool:
+        """One pass over ``lanes`` (all of this dispatcher's by default). Returns True if a lane
+        had more due than one claim takes."""
         now = time.monotonic()
-        if now - self._last_reconcile >= self.settings.dispatch.reconcile_every_s:
+        if reconcile and now - self._last_reconcile >= self.settings.dispatch.reconcile_every_s:
             self._last_reconcile = now
             returned = self.reconcile()
             if returned:
                 logger.warning("reconciler returned %d deliveries whose lease ran out", returned)
         busy = False
-        for lane in self.lanes:
+        for lane in self.lanes if lanes is None else lanes:
             busy |= self.dispatch_lane(lane)
         return busy
 
@@ -105,7 +132,7 @@ class Dispatcher:
         if room <= 0:
             return False
         limit = min(cfg.max_claim, room)
-        with transaction(self.sessions) as session:
+        with transaction(self.bulk_sessions if lane == BULK else self.sessions) as session:
             ids = queries.claim_due(session=session, lane=lane, limit=limit, lease_s=cfg.lease_s, now=now)
         count, counted_at, claimed = self._in_flight[lane]
         self._in_flight[lane] = (count, counted_at, claimed + len(ids))

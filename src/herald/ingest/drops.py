@@ -65,7 +65,7 @@ from herald.ingest.report import (
 )
 from herald.ingest.seen import SeenIds
 from herald.store import queries
-from herald.store.bulk import insert_rows
+from herald.store.bulk import prepare_insert, run_writes
 from herald.store.db import transaction
 from herald.store.ids import new_id, new_ids
 from herald.store.models import Channel, Delivery, DeliveryState, Drop, Event, Template, utcnow
@@ -509,6 +509,11 @@ class Ingester:
         }
         if destination is not None:
             values.update(state=DropState.delivering, path=destination, finished_at=now)
+        dialect = self.sessions.kw["bind"].dialect
+        writes = [
+            prepare_insert(dialect, Event, EVENT_COLUMNS, events),
+            prepare_insert(dialect, Delivery, DELIVERY_COLUMNS, deliveries),
+        ]
         with transaction(self.sessions) as session:
             claimed = session.execute(
                 update(Drop)
@@ -518,10 +523,7 @@ class Ingester:
             )
             if getattr(claimed, "rowcount", 0) != 1:
                 raise _TakenOverError(drop_id)
-            if events:
-                connection = session.connection()
-                insert_rows(connection, Event, EVENT_COLUMNS, events)
-                insert_rows(connection, Delivery, DELIVERY_COLUMNS, deliveries)
+            run_writes(session.connection(), writes)
         tally.offset, tally.lines = end, lines
         tally.accepted, tally.rejected, tally.rejections = values["accepted"], values["rejected"], rejections
         if events:

@@ -1,4 +1,4 @@
-"""Writing many rows fast, inside the caller's transaction.
+"""Writing many rows fast: prepared outside a transaction, run inside the caller's.
 
 Inserts are COPY on PostgreSQL and one ``executemany`` of ready tuples on SQLite; updates by key
 are one ``executemany`` of ready tuples on both (psycopg pipelines it into one round trip).
@@ -15,43 +15,55 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import JSON, Connection, Table
+from sqlalchemy import JSON, Connection, Dialect, Table
 
 from herald.store.models import Base
 
 
-def insert_rows(
-    connection: Connection, model: type[Base], columns: Sequence[str], rows: Sequence[Sequence[Any]]
-) -> None:
-    """Insert ``rows`` (values in the order of ``columns``) into ``model``'s table."""
+@dataclass(frozen=True)
+class Write:
+    """A bulk write made ready outside any transaction: on SQLite everyone else waits while a
+    writer holds the lock, so the Python work (parameters, JSON, COPY text) is done before."""
+
+    statement: str
+    params: list[tuple[Any, ...]] | str  # executemany parameters, or COPY text
+
+    def run(self, connection: Connection) -> None:
+        if isinstance(self.params, str):
+            cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            with cursor, cursor.copy(self.statement) as copy:
+                copy.write(self.params)
+            return
+        connection.exec_driver_sql(self.statement, self.params)
+
+
+def prepare_insert(
+    dialect: Dialect, model: type[Base], columns: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> Write | None:
+    """The insert of ``rows`` (values in the order of ``columns``) into ``model``'s table."""
     if not rows:
-        return
+        return None
     table = cast(Table, model.__table__)
     names = ", ".join(columns)
-    if connection.dialect.name == "postgresql":
-        text = _copy_text(table, columns, rows)
-        cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        with cursor, cursor.copy(f"COPY {table.name} ({names}) FROM STDIN") as copy:
-            copy.write(text)
-        return
+    if dialect.name == "postgresql":
+        return Write(f"COPY {table.name} ({names}) FROM STDIN", _copy_text(table, columns, rows))
     marks = ", ".join("?" * len(columns))
-    connection.exec_driver_sql(
-        f"INSERT INTO {table.name} ({names}) VALUES ({marks})", _bound(connection, table, columns, rows)
-    )
+    return Write(f"INSERT INTO {table.name} ({names}) VALUES ({marks})", _bound(dialect, table, columns, rows))
 
 
-def update_rows(
-    connection: Connection,
+def prepare_update(
+    dialect: Dialect,
     model: type[Base],
     columns: Sequence[str],
     rows: Sequence[Sequence[Any]],
     *,
     where: Sequence[str],
     where_sql: str = "",
-) -> None:
+) -> Write | None:
     """``UPDATE`` one row per item of ``rows``: values of ``columns``, then of the ``where`` columns
     that pick the row (compared with ``=``); ``where_sql`` adds a fixed condition.
 
@@ -59,20 +71,25 @@ def update_rows(
     columns that are set.
     """
     if not rows:
-        return
+        return None
     table = cast(Table, model.__table__)
-    mark = "%s" if connection.dialect.name == "postgresql" else "?"
+    mark = "%s" if dialect.name == "postgresql" else "?"
     assignments = ", ".join(f"{name} = {mark}" for name in columns)
     condition = " AND ".join([*(f"{name} = {mark}" for name in where), *([where_sql] if where_sql else [])])
     statement = f"UPDATE {table.name} SET {assignments} WHERE {condition}"
-    connection.exec_driver_sql(statement, _bound(connection, table, [*columns, *where], rows))
+    return Write(statement, _bound(dialect, table, [*columns, *where], rows))
+
+
+def run_writes(connection: Connection, writes: Sequence[Write | None]) -> None:
+    for write in writes:
+        if write is not None:
+            write.run(connection)
 
 
 def _bound(
-    connection: Connection, table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    dialect: Dialect, table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]
 ) -> list[tuple[Any, ...]]:
     """Rows with each value through its column's bind processor (aware datetime -> SQLite text, dict -> JSON)."""
-    dialect = connection.dialect
     processors: list[Callable[[Any], Any] | None] = [
         table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in columns
     ]

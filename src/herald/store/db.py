@@ -7,11 +7,11 @@ lock up front instead of failing to upgrade a read lock). Work that only reads u
 wait, which keeps status reads, metrics scrapes and the dispatcher's idle checks off the lock.
 
 Writers also queue on a file lock beside the database (``flock``) before ``BEGIN IMMEDIATE``.
-SQLite's own busy handler polls, sleeping up to 100 ms between tries, so a writer often sleeps
-on a lock that was free long ago; a process blocked in ``flock`` is woken the moment the lock is
-released. Engines made with ``background=True`` (bulk workers, the drop ingester) first pass a
-second, "background" lock, so at most one of them at a time competes with the API, the
-dispatcher and the urgent lanes for the write lock: an OTP waits for at most one bulk write.
+SQLite's own busy handler sleeps up to 100 ms between tries, so a writer often sleeps on a lock
+that was free long ago; the file lock is tried every 4 ms at most. Background work (engines made
+with ``background=True``: bulk workers, the drop ingester; or ``background(engine)`` for one
+transaction) first passes a second, "background" lock, so at most one bulk writer at a time
+competes with the API, the dispatcher and the urgent lanes: an OTP waits for one bulk write.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,31 +27,53 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+# How long a SQLite writer waits for the write lock before "database is locked".
+LOCK_TIMEOUT_S = 30.0
+
 
 class _LockedConnection(sqlite3.Connection):
     """A SQLite connection whose write transactions hold the database's file lock(s).
 
-    ``lock_paths`` is set on a subclass per engine: the write lock, preceded by the background
-    lock for background engines. Locks are taken in ``acquire`` (before ``BEGIN IMMEDIATE``) and
-    released once the transaction ends, whichever way; a dead process's locks go with it.
+    ``database`` and ``background`` are set on a subclass per engine. Locks are taken in
+    ``acquire`` (before ``BEGIN IMMEDIATE``) and released once the transaction ends, whichever
+    way; a dead process's locks go with it.
     """
 
-    lock_paths: tuple[str, ...] = ()
+    database: str = ""
+    background: bool = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._lock_fds = [os.open(path, os.O_RDWR | os.O_CREAT, 0o600) for path in self.lock_paths]
-        self._held = 0
+        paths = (f"{self.database}-background.lock", f"{self.database}-write.lock")
+        self._lock_fds = [os.open(path, os.O_RDWR | os.O_CREAT, 0o600) for path in paths]
+        self._held: list[int] = []
 
-    def acquire(self) -> None:
-        for fd in self._lock_fds[self._held :]:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            self._held += 1
+    def acquire(self, *, background: bool = False) -> None:
+        """Take the write lock, after the background lock for background work.
+
+        Polled every few milliseconds rather than blocking, so that a writer stuck holding the
+        lock fails the others after ``LOCK_TIMEOUT_S`` ("database is locked", as SQLite's own
+        busy timeout would) instead of hanging them for ever.
+        """
+        wanted = self._lock_fds if background or self.background else self._lock_fds[1:]
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        for fd in wanted:
+            pause_s = 0.0002
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        self.release()
+                        raise sqlite3.OperationalError("database is locked") from None
+                    time.sleep(pause_s)
+                    pause_s = min(pause_s * 2, 0.004)
+            self._held.append(fd)
 
     def release(self) -> None:
         while self._held:
-            self._held -= 1
-            fcntl.flock(self._lock_fds[self._held], fcntl.LOCK_UN)
+            fcntl.flock(self._held.pop(), fcntl.LOCK_UN)
 
     def commit(self) -> None:
         try:
@@ -76,8 +99,7 @@ def _connection_class(url: str, *, background: bool) -> type[_LockedConnection] 
     database = make_url(url).database
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
-    paths = (f"{database}-background.lock",) if background else ()
-    return type("LockedConnection", (_LockedConnection,), {"lock_paths": (*paths, f"{database}-write.lock")})
+    return type("LockedConnection", (_LockedConnection,), {"database": database, "background": background})
 
 
 def make_engine(url: str, *, pool_size: int = 10, background: bool = False) -> Engine:
@@ -88,7 +110,7 @@ def make_engine(url: str, *, pool_size: int = 10, background: bool = False) -> E
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if url.startswith("sqlite"):
-        connect_args: dict[str, Any] = {"timeout": 30, "check_same_thread": False}
+        connect_args: dict[str, Any] = {"timeout": LOCK_TIMEOUT_S, "check_same_thread": False}
         factory = _connection_class(url, background=background)
         if factory is not None:
             connect_args["factory"] = factory
@@ -112,7 +134,7 @@ def make_engine(url: str, *, pool_size: int = 10, background: bool = False) -> E
                 return
             dbapi_conn = conn.connection.dbapi_connection
             if isinstance(dbapi_conn, _LockedConnection):
-                dbapi_conn.acquire()
+                dbapi_conn.acquire(background=bool(conn.get_execution_options().get(_BACKGROUND)))
             try:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
             except BaseException:
@@ -125,11 +147,18 @@ def make_engine(url: str, *, pool_size: int = 10, background: bool = False) -> E
 
 
 _READ_ONLY = "herald_read_only"
+_BACKGROUND = "herald_background"
 
 
 def reader(engine: Engine) -> Engine:
     """``engine`` for work that never writes (same pool; on SQLite its transactions begin deferred)."""
     return engine.execution_options(**{_READ_ONLY: True})
+
+
+def background(engine: Engine) -> Engine:
+    """``engine`` for bulk writes of a process that also does urgent ones (the dispatcher's claims
+    for the bulk lane): on SQLite they give way like a background engine's."""
+    return engine.execution_options(**{_BACKGROUND: True})
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -46,8 +46,8 @@ from herald.errors import ChannelError, PermanentChannelError, TransientChannelE
 from herald.logs import redact
 from herald.metrics import record_latencies
 from herald.store import queries
-from herald.store.bulk import insert_rows, update_rows
-from herald.store.db import make_engine, make_sessionmaker
+from herald.store.bulk import prepare_insert, prepare_update, run_writes
+from herald.store.db import make_engine, make_sessionmaker, reader
 from herald.store.models import Attempt, Channel, Delivery, DeliveryState, Endpoint, Event, Tenant, utcnow
 from herald.worker.pacing import Pacing, Slots
 from herald.worker.retry import Action, RetryPolicy
@@ -187,6 +187,7 @@ class Runtime:
         self.redis: redis.Redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
         self.prefix = settings.redis.key_prefix
         # For periodic jobs, which use the ORM; what they change is published to live timelines.
+        self.reads = reader(self.engine)
         self.sessions = make_sessionmaker(self.engine)
         live.install(self.sessions, self.redis, self.prefix)
         self.pacing = Pacing(self.redis, prefix=self.prefix)
@@ -222,6 +223,8 @@ class Runtime:
     def _take(self, ids: list[str]) -> Batch | None:
         now = utcnow()
         lease_until = now + timedelta(seconds=self.settings.dispatch.lease_s)
+        # The write is one statement: on SQLite every other writer waits while it runs, so what
+        # follows (reading events and endpoints, building messages, pacing) happens after it.
         with self.engine.begin() as conn:
             # Only rows the dispatcher handed out (queued, no due_at) are taken: a duplicate
             # message for rows that are already sending, finished or due again finds nothing.
@@ -235,13 +238,22 @@ class Runtime:
                 .values(state=DeliveryState.sending, lease_until=lease_until, updated_at=now)
                 .returning(*_TAKEN_COLUMNS)
             ).all()
-            if not rows:
-                return None
-            taken = [Taken(*row) for row in rows]
+        if not rows:
+            return None
+        taken = [Taken(*row) for row in rows]
+        with self.reads.connect() as conn:
             jobs, finished = self._jobs(conn, taken, now)
             batch = Batch(jobs, lease_until)
             held = self._pace(conn, batch, now)
-            _write_states(conn, finished + held)
+        write = prepare_update(self.engine.dialect, Delivery, _STATE_COLUMNS, finished + held, where=("id",))
+        if write is not None:
+            try:
+                with self.engine.begin() as conn:
+                    write.run(conn)
+            except BaseException:
+                if batch.slots is not None:
+                    batch.slots.release()
+                raise
         return batch
 
     def _jobs(self, conn: Connection, taken: list[Taken], now: datetime) -> tuple[list[Job], list[tuple[Any, ...]]]:
@@ -497,12 +509,22 @@ class Runtime:
             if delivery.endpoint_id and isinstance(error, TransientChannelError) and error.status_code in (429, 503):
                 wait_s = error.retry_after_s if error.retry_after_s is not None else 1.0
                 pauses[delivery.endpoint_id] = max(pauses.get(delivery.endpoint_id, 0.0), wait_s)
-        with self.engine.begin() as conn:
-            insert_rows(conn, Attempt, _ATTEMPT_COLUMNS, attempts)
+        dialect = self.engine.dialect
+        writes = [
+            prepare_insert(dialect, Attempt, _ATTEMPT_COLUMNS, attempts),
             # Only where this worker still holds the lease: if the reconciler gave the row to
             # another worker meanwhile, that worker's outcome is the one that counts.
-            update_rows(conn, Delivery, _RECORD_COLUMNS, updates, where=("id", "lease_until"),
-                        where_sql=f"state = '{DeliveryState.sending}'")  # fmt: skip
+            prepare_update(
+                dialect,
+                Delivery,
+                _RECORD_COLUMNS,
+                updates,
+                where=("id", "lease_until"),
+                where_sql=f"state = '{DeliveryState.sending}'",
+            ),
+        ]
+        with self.engine.begin() as conn:
+            run_writes(conn, writes)
             if disable:
                 _disable_endpoints(conn, sorted(disable), now)
         self.pacing.pause(pauses)
@@ -549,11 +571,6 @@ def _hold(delivery: Taken, due_at: datetime) -> tuple[Any, ...]:
 def _finish(delivery: Taken, state: DeliveryState, reason: str, now: datetime) -> tuple[Any, ...]:
     """A delivery ended before any attempt (values of ``_STATE_COLUMNS`` + id)."""
     return (state, None, None, reason, now, now, delivery.id)
-
-
-def _write_states(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-    """Held rows back to due, finished rows to their end state (both leave the lease)."""
-    update_rows(conn, Delivery, _STATE_COLUMNS, rows, where=("id",))
 
 
 def _disable_endpoints(conn: Connection, ids: list[str], now: datetime) -> None:
