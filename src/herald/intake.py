@@ -28,7 +28,7 @@ from herald.logs import redact
 from herald.scheduler.times import QuietHours, Relative, after_quiet_hours, resolve_relative
 from herald.store import queries
 from herald.store.bulk import prepare_insert, run_writes
-from herald.store.ids import new_id
+from herald.store.ids import IdSource
 from herald.store.models import (
     TERMINAL_STATES,
     Channel,
@@ -155,6 +155,7 @@ def accept_events(
 
     event_rows: list[dict[str, Any]] = []
     delivery_rows: list[dict[str, Any]] = []
+    ids = IdSource()
     written: dict[str, dict[str, Any]] = {}
     for index, plan in enumerate(plans):
         if plan is None:
@@ -163,7 +164,7 @@ def accept_events(
         if event.idempotency_key is not None and event.idempotency_key in written:
             answers[index] = written[event.idempotency_key]
             continue
-        event_id = new_id("evt")
+        event_id = ids.take("evt")
         event_rows.append(
             {
                 "id": event_id,
@@ -176,7 +177,7 @@ def accept_events(
                 "created_at": now,
             }
         )
-        rows = _deliveries(plan, tenant, event_id, now, policy)
+        rows = _deliveries(plan, tenant, event_id, now, policy, ids)
         if event.schedule_key is not None:
             _replace_scheduled(session, tenant.id, event.schedule_key, now, where=plan.where)
         delivery_rows += rows
@@ -320,7 +321,7 @@ def _times(plan: _Plan, zone: ZoneInfo, now: datetime) -> tuple[datetime, dateti
 
 
 def _deliveries(
-    plan: _Plan, tenant: Tenant, event_id: str, now: datetime, policy: IntakePolicy
+    plan: _Plan, tenant: Tenant, event_id: str, now: datetime, policy: IntakePolicy, ids: IdSource
 ) -> list[dict[str, Any]]:
     event = plan.event
     category = event.resolved_category
@@ -336,7 +337,7 @@ def _deliveries(
         state = values.pop("state", None) or (DeliveryState.scheduled if due > now else DeliveryState.queued)
         terminal = state in TERMINAL_STATES
         return {
-            "id": new_id("dlv"),
+            "id": ids.take("dlv"),
             "tenant_id": tenant.id,
             "event_id": event_id,
             "endpoint_id": None,

@@ -70,14 +70,15 @@ def create_app(settings: Settings) -> FastAPI:
 
     def announce(tenant_id: str, answers: list[dict[str, Any]]) -> None:
         """Tell live timelines about new events (best effort: the timeline itself reads the database)."""
-        try:
-            pipe = app.state.redis.pipeline(transaction=False)
-            for answer in answers:
-                if answer.get("subject"):
-                    message = {"kind": "event", "subject": answer["subject"], "event_id": answer["id"],
-                               "type": answer["type"]}  # fmt: skip
-                    pipe.publish(keys.timeline(prefix, tenant_id), json.dumps(message))
-            pipe.execute()
+        messages = [
+            {"kind": "event", "subject": answer["subject"], "event_id": answer["id"], "type": answer["type"]}
+            for answer in answers
+            if answer.get("subject")
+        ]
+        if not messages:
+            return
+        try:  # one message for the whole batch: streams take a list of changes
+            app.state.redis.publish(keys.timeline(prefix, tenant_id), json.dumps(messages))
         except redis.RedisError:
             logger.warning("could not announce new events to live timelines")
 
