@@ -362,9 +362,10 @@ def dlq_replay(
         if not ids:
             state = None if force else DeliveryState.dead
             where = queries.DeliveryFilter(state=state, endpoint_id=endpoint, event_type=event_type)
-        replayed, skipped = queries.replay(
+        result = queries.replay_report(
             session=session, tenant_id=found.id, ids=list(ids) or None, where=where, force=force, now=utcnow()
         )
+    replayed, skipped = result.replayed, result.skipped
     if replayed:
         from herald import keys
 
@@ -372,6 +373,8 @@ def dlq_replay(
             make_redis(s).rpush(keys.wake(s.redis.key_prefix), 1)
         except Exception:
             logger.warning("could not wake the dispatcher; it will find the work on its next tick")
+    for delivery_id, reason in sorted(skipped.items()):
+        click.echo(f"skipped {delivery_id}: {reason}")
     click.echo(f"replayed {len(replayed)}, skipped {len(skipped)}")
 
 

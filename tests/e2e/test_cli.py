@@ -90,6 +90,7 @@ def test_dlq_list_and_replay(
     assert client.get(f"/v1/deliveries/{delivery_id}", headers=auth).json()["state"] == "queued"
     again = herald(settings, "dlq", "replay", "--tenant", "acme", "--id", delivery_id).stdout
     assert "replayed 0, skipped 1" in again
+    assert f"skipped {delivery_id}: state queued: still pending or in flight" in again  # says why
     nothing = herald(settings, "dlq", "replay", "--tenant", "acme", ok=False)
     assert nothing.returncode == 2 and "--id" in nothing.stderr
 
