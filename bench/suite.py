@@ -12,7 +12,8 @@ itself) and collects their JSON:
                tuned through HERALD_* settings, listed in the results), sequential loop
     ingest     peak RSS and lines/s of ``herald watch`` on files of 1,000,000 and 10,000,000 lines
     api        accepted requests/s of POST /v1/events and /v1/events/batch vs an empty FastAPI app
-    isolation  OTP and transactional latency p50/p99, idle and while a drop of 100,000 ids drains
+    isolation  OTP and transactional latency p50/p99: idle, while a drop of 100,000 ids is still being
+               ingested, and while the backlog it made drains
     scheduled  memory per scheduled send vs Celery countdown, lateness, a burst of 100,000
 
 Writes ``<out>/suite.json`` (every goal with its value, the key numbers, each step's command,
@@ -267,10 +268,26 @@ def summarize(reports: dict[str, dict[str, Any] | None]) -> tuple[dict[str, Any]
             "transactional_busy_ms": _p(tx["backlog"]) if tx["backlog"] else None,
             "draining_throughout": res["backlog_draining_throughout"],
             "bulk_per_s_meanwhile": res["bulk_deliveries_per_s_during_probes"],
+            "intake_s": res["backlog_intake_s"],
         }
-        goals.append(goal("3", "OTP p99, request → SMS provider, while a bulk drop drains",
+        ingesting = res.get("ingesting")
+        if ingesting:
+            key["isolation"].update({
+                "otp_ingesting_ms": _p(res["otp"]["ingesting"]),
+                "transactional_ingesting_ms": _p(tx["ingesting"]) if tx.get("ingesting") else None,
+                "ingesting_bulk_per_s": ingesting["bulk_deliveries_per_s"],
+            })  # fmt: skip
+        n = iso["parameters"]["backlog"]
+        goals.append(goal("3", "OTP p99, request → SMS provider, while a bulk backlog drains",
                           key["isolation"]["otp_busy_ms"]["p99"], GOALS["otp_p99_ms"], at_most=True, unit=" ms",
-                          note=f"drop of {iso['parameters']['backlog']:,} ids", met=iso["goal"]["met"]))  # fmt: skip
+                          note=f"backlog of {n:,} from a drop, probed once the file is ingested",
+                          met=iso["goal"]["met"]))  # fmt: skip
+        if ingesting:
+            idle_p99 = key["isolation"]["otp_idle_ms"]["p99"]
+            goals.append(goal("5", "OTP p99 while a drop is still being ingested (and drains)",
+                              key["isolation"]["otp_ingesting_ms"]["p99"], GOALS["otp_p99_ms"], at_most=True,
+                              unit=" ms", goal_text="keep their latency (no number; 250 ms as for issue 3)",
+                              note=f"drop of {n:,} ids; idle p99 {_fmt(idle_p99, ' ms')}"))  # fmt: skip
     sch = reports.get("scheduled")
     if sch:
         res, sg = sch["results"], sch["goals"]
@@ -304,6 +321,9 @@ def summarize(reports: dict[str, dict[str, Any] | None]) -> tuple[dict[str, Any]
 
 def _rate(row: dict[str, Any] | None) -> float | None:
     return round(row["rate_per_s"], 1) if row else None
+
+
+PHASE_LABELS = {"idle": "idle", "ingesting": "ingest", "busy": "drain"}
 
 
 def _p(phase: dict[str, Any]) -> dict[str, float | None]:
@@ -393,8 +413,14 @@ def perf_table(suite: dict[str, Any]) -> str:
             tx = (f"; transactional webhooks p50/p99 {_ms(i['transactional_idle_ms'])} idle, "
                   f"{_ms(i['transactional_busy_ms'])} while it drains")  # fmt: skip
         drained = "" if i["draining_throughout"] else " (the drop had drained before the probes ended)"
-        rows.append(f"- Lane isolation, drop of {i['backlog']:,} ids draining: OTP p50/p99 {_ms(i['otp_idle_ms'])} "
-                    f"idle, {_ms(i['otp_busy_ms'])} while it drains{tx}{drained}.")  # fmt: skip
+        ingest = ""
+        if i.get("otp_ingesting_ms"):
+            ingest = f", {_ms(i['otp_ingesting_ms'])} while the file was still being ingested"
+            if i.get("transactional_ingesting_ms"):
+                tx += f", {_ms(i['transactional_ingesting_ms'])} while it was being ingested"
+        rows.append(f"- Lane isolation, drop of {i['backlog']:,} ids (ingested in {i['intake_s']} s): OTP p50/p99 "
+                    f"{_ms(i['otp_idle_ms'])} idle, {_ms(i['otp_busy_ms'])} while its backlog drains{ingest}{tx}"
+                    f"{drained}.")  # fmt: skip
     if "scheduled" in key:
         sc = key["scheduled"]
         celery = sc["celery_bytes_per_scheduled"]
@@ -459,20 +485,22 @@ def plot(suite: dict[str, Any], path: Path) -> None:
     if iso:
         labels, values, colors = [], [], []
         for name, k, colour in (("OTP", "otp", "#d62728"), ("tx webhook", "transactional", "#1f77b4")):
-            for phase in ("idle", "busy"):
+            for phase in ("idle", "ingesting", "busy"):
                 p = iso.get(f"{k}_{phase}_ms")
                 if p:
                     for q in ("p50", "p99"):
-                        labels.append(f"{name}\n{phase}\n{q}")
+                        labels.append(f"{name}\n{PHASE_LABELS[phase]}\n{q}")
                         values.append(p[q] or 0)
-                        colors.append(colour if phase == "busy" else "#aaaaaa")
+                        colors.append({"idle": "#aaaaaa", "ingesting": "#ff7f0e"}.get(phase, colour))
         bars = ax.bar(range(len(values)), values, color=colors)
         ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=7)
         ax.set_xticks(range(len(values)), labels, fontsize=6.5)
         ax.set_yscale("log")
         ax.axhline(GOALS["otp_p99_ms"], color="grey", linestyle="--", label="goal OTP p99 ≤ 250 ms while draining")
         ax.legend(fontsize=8)
-        ax.set_title(f"latency (ms), idle and while a drop of {iso['backlog']:,} ids drains", fontsize=10)
+        ax.set_title(
+            f"latency (ms): idle, while a drop of {iso['backlog']:,} ids is ingested, while it drains", fontsize=9
+        )
     ax = panels[4]
     api = key.get("api")
     if api:
