@@ -258,8 +258,9 @@ def run(args: argparse.Namespace, procs: Any, tmp: Path) -> int:
           f"(intake {results['memory_herald']['intake_s']}s)", flush=True)  # fmt: skip
 
     if args.celery:
-        print(f"- Celery countdown=3600: {args.scheduled:,} tasks …", flush=True)
-        results["memory_celery_countdown"] = celery_memory(procs, celery_url, args.scheduled)
+        n_celery = args.celery_scheduled or args.scheduled
+        print(f"- Celery countdown=3600: {n_celery:,} tasks …", flush=True)
+        results["memory_celery_countdown"] = celery_memory(procs, celery_url, n_celery)
         print(f"  {json.dumps(results['memory_celery_countdown']['bytes_per_scheduled'])} bytes per scheduled task",
               flush=True)  # fmt: skip
         flush_redis_db(celery_url, keep_marker=False)
@@ -308,6 +309,7 @@ def run(args: argparse.Namespace, procs: Any, tmp: Path) -> int:
         "command": command_line(),
         "parameters": {
             "scheduled": args.scheduled,
+            "celery_scheduled": (args.celery_scheduled or args.scheduled) if args.celery else 0,
             "late": args.late,
             "late_span_s": args.late_span_s,
             "burst": args.burst,
@@ -381,6 +383,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scheduled", type=int, default=100_000, help="N scheduled an hour ahead (memory)")
     parser.add_argument("--no-celery", dest="celery", action="store_false", help="skip the Celery countdown side")
+    parser.add_argument("--celery-scheduled", type=int, default=None,
+                        help="N Celery countdown tasks (default --scheduled; each one costs ~10 kB of worker memory, "
+                             "so 1,000,000 would need ~10 GB: compare bytes per task at a smaller N)")  # fmt: skip
     parser.add_argument("--late", type=int, default=10_000, help="sends for the lateness distribution")
     parser.add_argument("--late-span-s", type=float, default=60.0)
     parser.add_argument("--lead-s", type=float, default=10.0, help="margin between intake and the first due time")
