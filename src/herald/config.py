@@ -176,6 +176,9 @@ class SchedulerSettings(BaseModel):
 
     recurring_every_s: float = Field(default=10.0, gt=0)
     cleanup_every_s: float = Field(default=3600.0, gt=0)
+    # A backstop to the dispatcher's own reconciler: leases that ran out go back to due even
+    # while no dispatcher runs (it dispatches them when it is back).
+    reconcile_every_s: float = Field(default=60.0, gt=0)
     idempotency_ttl_s: float = Field(default=24 * 3600.0, gt=0)
 
 

@@ -246,7 +246,7 @@ def test_make_celery_is_at_least_once_json_only_with_a_visibility_timeout_above_
         assert visibility_timeout > settings.dispatch.lease_s + settings.dispatch.reconcile_every_s
         # Beat's ticks outlive a few minutes of transactional backlog before they expire.
         expiries = {name: entry["options"]["expires"] for name, entry in conf.beat_schedule.items()}
-        assert expiries == {"recurring": 300.0, "cleanup": settings.scheduler.cleanup_every_s}
+        assert expiries == {"recurring": 300.0, "cleanup": settings.scheduler.cleanup_every_s, "reconcile": 300.0}
         # The value the Redis transport really uses, read from a live connection to the broker.
         with app.connection_for_write() as connection:
             assert connection.default_channel.visibility_timeout == visibility_timeout

@@ -22,7 +22,16 @@ from herald.scheduler.beat import TICK_HEADER, TickScheduler
 from herald.scheduler.periodic import Job, claim_tick, clean_up, tick_of
 from herald.scheduler.recurring import fire_due
 from herald.store.db import transaction
-from herald.store.models import Event, IdempotencyRecord, PeriodicRun, Recurring, Tenant, utcnow
+from herald.store.models import (
+    Delivery,
+    DeliveryState,
+    Event,
+    IdempotencyRecord,
+    PeriodicRun,
+    Recurring,
+    Tenant,
+    utcnow,
+)
 from herald.worker.celery_app import PERIODIC, make_celery
 from tests.support import Processes, row_counts, wait_until
 
@@ -34,7 +43,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::celery.exceptions.DuplicateTask
 
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
-    scheduler = settings.scheduler.model_copy(update={"recurring_every_s": EVERY_S, "cleanup_every_s": EVERY_S})
+    every = {"recurring_every_s": EVERY_S, "cleanup_every_s": EVERY_S, "reconcile_every_s": EVERY_S}
+    scheduler = settings.scheduler.model_copy(update=every)
     return settings.model_copy(update={"scheduler": scheduler})
 
 
@@ -220,6 +230,37 @@ def test_clean_up_forgets_what_is_old_and_keeps_what_is_young(sessions: sessionm
         assert sorted(session.scalars(select(PeriodicRun.name))) == ["edge", "young"]
     after = row_counts(sessions)
     assert after == {**before, "idempotency_records": 2, "periodic_runs": 2}  # nothing else touched
+
+
+def test_beat_reconciles_leases_that_ran_out_even_without_a_dispatcher(
+    settings: Settings, sessions: sessionmaker[Session], client: TestClient, auth: dict[str, str]
+) -> None:
+    endpoint = client.post("/v1/endpoints", json={"url": "http://127.0.0.1:9/hook"}, headers=auth).json()
+    ids = []
+    for n in range(2):
+        answer = client.post("/v1/events", json={"type": "t.x", "subject": f"s:{n}", "data": {},
+                                                 "endpoint_ids": [endpoint["id"]]}, headers=auth)  # fmt: skip
+        assert answer.status_code == 202, answer.text
+        ids.append(answer.json()["deliveries"][0]["id"])
+    lost, alive = ids
+    now = utcnow()
+    # As a worker killed mid-send leaves them: taken (sending, no due time), one lease run out.
+    with transaction(sessions) as session:
+        for delivery_id, lease_until in ((lost, now - timedelta(seconds=5)), (alive, now + timedelta(minutes=5))):
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id == delivery_id)
+                .values(state=DeliveryState.sending, due_at=None, lease_until=lease_until)
+            )
+    tick = boundary()
+    assert jobs.run(settings, sessions, "reconcile", sent_at=tick) is True
+    with sessions() as session:
+        rows = {d.id: (d.state, d.due_at is not None, d.lease_until) for d in session.scalars(select(Delivery))}
+    assert rows[lost] == (DeliveryState.queued, True, None)  # due again: the dispatcher sends it when back
+    assert rows[alive][:2] == (DeliveryState.sending, False)  # its worker still holds it
+    # Another beat's message for the same tick does nothing.
+    assert jobs.run(settings, sessions, "reconcile", sent_at=tick) is False
+    assert runs(sessions) == [("reconcile", tick, True)]
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # Celery's path; the store's is above

@@ -13,6 +13,7 @@ from herald.intake import IntakePolicy, NewEvent
 from herald.scheduler.beat import sent_at as stamped_sent_at
 from herald.scheduler.periodic import Job, claim_tick, clean_up, finish_tick, tick_of
 from herald.scheduler.recurring import fire_due
+from herald.store import queries
 from herald.store.db import transaction
 from herald.store.models import utcnow
 
@@ -23,6 +24,7 @@ def jobs(settings: Settings) -> dict[str, Job]:
     return {
         "recurring": Job("recurring", settings.scheduler.recurring_every_s),
         "cleanup": Job("cleanup", settings.scheduler.cleanup_every_s),
+        "reconcile": Job("reconcile", settings.scheduler.reconcile_every_s),
     }
 
 
@@ -55,6 +57,10 @@ def run(settings: Settings, sessions: sessionmaker[Session], name: str, *, sent_
             emitted = fire_due(session=session, now=now, policy=policy, to_event=_to_event)
             if emitted:
                 logger.info("recurring: %d occurrences emitted", emitted)
+        elif name == "reconcile":
+            returned = queries.reconcile(session=session, now=now)
+            if returned:
+                logger.warning("reconcile: returned %d deliveries whose lease ran out to due", returned)
         else:
             clean_up(
                 session=session,

@@ -56,6 +56,7 @@ def make_celery(settings: Settings) -> Celery:
             for name, every_s in (
                 ("recurring", settings.scheduler.recurring_every_s),
                 ("cleanup", settings.scheduler.cleanup_every_s),
+                ("reconcile", settings.scheduler.reconcile_every_s),
             )
         },
         "timezone": "UTC",
