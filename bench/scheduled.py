@@ -336,13 +336,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     res = report["results"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    panels = 3 if "burst" in res else 2
+    fig, axes = plt.subplots(1, panels, figsize=(16 if panels == 3 else 11, 5))
     ax = axes[0]
     labels, redis_b, worker_b = [], [], []
     sides = (("memory_herald", "Herald\n(send_at, DB rows)"), ("memory_celery_countdown", "Celery\ncountdown"))
     for key, label in sides:
         if key in res:
-            labels.append(label)
+            labels.append(f"{label}\nN = {res[key]['n']:,}")
             redis_b.append(res[key]["bytes_per_scheduled"]["redis"])
             worker_b.append(res[key]["bytes_per_scheduled"]["worker_rss"])
     x = range(len(labels))
@@ -353,9 +354,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.text(i + 0.2, worker_b[i], f"{worker_b[i]:.0f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(x), labels)
     ax.set_ylabel("bytes per scheduled send (growth / N)")
-    ax.set_title(f"memory, N = {report['parameters']['scheduled']:,} an hour ahead")
+    ax.set_title("memory per send scheduled an hour ahead")
     ax.legend(fontsize=8)
-    for ax, key, title in ((axes[1], "late", "lateness"), (axes[2], "burst", "burst")):
+    for ax, key, title in list(zip(axes[1:], ("late", "burst"), ("lateness", "burst"), strict=False)):
         values = sorted(res["lateness_values"].get(key, []))
         if values:
             ax.plot(values, [(i + 1) / len(values) for i in range(len(values))])
