@@ -3,11 +3,13 @@ middle of a large file, and ``herald drops`` in the terminal."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -266,3 +268,49 @@ def test_ingestion_memory_does_not_grow_with_the_file(
         accepted = sorted(d.accepted for d in session.scalars(select(Drop)))
     assert accepted == [10_000, 100_000]
     assert peaks[100_000] - peaks[10_000] < 8.0, peaks
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the file locks are SQLite's
+def test_bulk_work_runs_niced_and_behind_the_background_lock_while_urgent_lanes_go_on(
+    settings: Settings,
+    client: TestClient,
+    auth: dict[str, str],
+    receiver: Receiver,
+    processes: Processes,
+    sessions: sessionmaker[Session],
+) -> None:
+    endpoint = client.post("/v1/endpoints", json={"url": receiver.url}, headers=auth).json()
+    processes.env.update({"HERALD_INGEST__TENANT": "acme", "HERALD_INGEST__ENDPOINT_ID": endpoint["id"],
+                          "HERALD_INGEST__RESCAN_S": "0.5"})  # fmt: skip
+    watch = processes.start("watch", "watch")
+    processes.worker("bulk", lanes="bulk", wait=True)
+    processes.worker("urgent", lanes="otp,transactional", wait=True)
+    processes.dispatcher()
+    # Bulk-only workers (and their pool children) and the ingester yield the CPU; the others do not.
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    background = min(19, mine + settings.worker.bulk_nice)
+    nice = {name: os.getpriority(os.PRIO_PROCESS, processes.running[name].pid) for name in ("bulk", "urgent")}
+    assert (os.getpriority(os.PRIO_PROCESS, watch.pid), nice["bulk"], nice["urgent"]) == (background, background, mine)
+
+    # While someone holds the background lock, no bulk write happens (ingestion, the bulk lane's
+    # claims and takes) but a transactional event is accepted, dispatched, sent and recorded.
+    database = settings.database_url.removeprefix("sqlite:///")
+    held = os.open(f"{database}-background.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        drop_file(settings.data_dir / "drops", "users.txt", lambda out: out.writelines(f"u-{n}\n" for n in range(20)))
+        dropped_at = time.monotonic()
+        answer = client.post("/v1/events", json={"type": "ticket.updated", "subject": "ticket:1",
+                                                 "endpoint_ids": [endpoint["id"]]}, headers=auth)  # fmt: skip
+        urgent_id = answer.json()["deliveries"][0]["id"]
+        wait_until(
+            lambda: client.get(f"/v1/deliveries/{urgent_id}", headers=auth).json()["state"] == "delivered",
+            timeout_s=30,
+            what="the transactional delivery",
+        )
+        time.sleep(max(0.0, dropped_at + 2.0 - time.monotonic()))  # the watcher sees a file within ms
+        assert the_drop(sessions) is None and receiver.ids() == {urgent_id}
+    finally:
+        fcntl.flock(held, fcntl.LOCK_UN)
+        os.close(held)
+    wait_until(lambda: len(receiver.ids()) == 21, timeout_s=60, what="the drop, once the lock is free")

@@ -114,6 +114,7 @@ def test_events_to_people_need_templates_and_channels_with_templates(
     ("body", "field"),
     [
         ({"name": "n", "cron": "every day", "event": {"type": "a.b", "endpoint_ids": ["ep_1"]}}, "cron"),
+        ({"name": "n", "cron": "0 9 30 2 *", "event": {"type": "a.b", "endpoint_ids": ["ep_1"]}}, "cron"),  # never
         ({"name": "n", "cron": "0 9 * * *", "timezone": "Nowhere/City", "event": {"type": "a.b"}}, "timezone"),
         ({"name": "n", "cron": "0 9 * * *", "event": {"type": "a.b"}}, "event"),
         ({"name": "n", "cron": "0 9 * * *", "event": {"type": "a.b", "idempotency_key": "k"}}, "event.idempotency_key"),

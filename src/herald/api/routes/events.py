@@ -45,9 +45,8 @@ def new_event(event: EventIn) -> NewEvent:
     )
 
 
-def _accepted(request: Request, answer: dict[str, Any], base: str | None = None) -> EventAccepted:
-    base = base or _status_base(request)
-    return EventAccepted(**answer, status_url=base + answer["id"])
+def _accepted(request: Request, answer: dict[str, Any]) -> EventAccepted:
+    return EventAccepted(**answer, status_url=_status_base(request) + answer["id"])
 
 
 def _status_base(request: Request) -> str:
