@@ -104,7 +104,8 @@ CORPUS = [
     ("{% for x in range(100000) %}{% for y in range(100000) %}{% endfor %}{% endfor %}", "budget", True),
     ("{% set r = range(100000) %}{% for a in r %}{% for b in r %}{% endfor %}{% endfor %}", "budget", True),
     ("{% for i in range(1000000) %}{% endfor %}", "Range too big", True),
-    ("{% macro m(n) %}{{ m(n + 1) }}{% endmacro %}{{ m(0) }}", "nested too deeply", True),
+    # Unbounded recursion: the recursion limit or, on a loaded machine, the time budget stops it first.
+    ("{% macro m(n) %}{{ m(n + 1) }}{% endmacro %}{{ m(0) }}", ("nested too deeply", "render budget"), True),
     ("{% for a in [1] recursive %}{{ loop([1]) }}{% endfor %}", "nested too deeply", True),
     # size: refused before allocating
     ("{{ 'a' * 100000000 }}", "budget", True),
@@ -165,13 +166,16 @@ CORPUS = [
     ("source", "refusal", "refused_at_upload"),
     [pytest.param(*case, id=f"{n:02d}-{case[0][:40]}") for n, case in enumerate(CORPUS)],
 )
-def test_injection_corpus_fails_safely(source: str, refusal: str, refused_at_upload: bool, _canary: Path) -> None:
+def test_injection_corpus_fails_safely(
+    source: str, refusal: str | tuple[str, ...], refused_at_upload: bool, _canary: Path
+) -> None:
+    refusals = refusal if isinstance(refusal, tuple) else (refusal,)
     source = source.replace("SECRET_FILE", str(_canary))
     started = time.monotonic()
     for part in ("text", "html"):
         rendered = outcome(source, part=part)
         assert rendered.startswith("!"), f"rendered: {rendered[:200]!r}"
-        assert refusal in rendered
+        assert any(r in rendered for r in refusals), rendered
         assert_no_leak(rendered)
     uploaded = outcome(source, validate=True)
     assert uploaded.startswith("!") == refused_at_upload, uploaded
