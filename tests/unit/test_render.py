@@ -60,7 +60,8 @@ def outcome(source: str, *, part: str = "text", validate: bool = False) -> str:
         return "!" + exc.message
 
 
-# (template, a fragment the refusal must contain, whether the upload check refuses it too).
+# (template, a fragment the refusal must contain (or a tuple of them, any one will do), whether the upload
+# check refuses it too).
 # Variables that simply do not exist (config, request) are placeholders at upload, so pass there.
 CORPUS = [
     ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "unsafe", True),
