@@ -140,6 +140,7 @@ def _be_background(s: Settings) -> None:
 @main.command()
 def scheduler() -> None:
     """Run the dispatcher: claims due deliveries, publishes batches, reconciles lost ones."""
+    from herald import heap
     from herald.api.app import make_redis
     from herald.dispatch.dispatcher import Dispatcher
     from herald.store.db import make_engine, make_sessionmaker
@@ -154,6 +155,7 @@ def scheduler() -> None:
     )
     signal.signal(signal.SIGTERM, lambda *_: dispatcher.stop())
     signal.signal(signal.SIGINT, lambda *_: dispatcher.stop())
+    heap.freeze_loaded()
     dispatcher.run()
 
 
@@ -391,9 +393,9 @@ def watch(directory: str | None, once: bool) -> None:
     Each file becomes one webhook per line on the bulk lane; a sub-folder is a campaign with a
     campaign.json. Processed files move to done/ (unreadable ones to failed/) next to a report.
     """
-    import gc
     from pathlib import Path
 
+    from herald import heap
     from herald.api.app import make_redis
     from herald.ingest.watcher import Watcher
     from herald.store.db import make_engine, make_sessionmaker
@@ -408,9 +410,7 @@ def watch(directory: str | None, once: bool) -> None:
     )
     signal.signal(signal.SIGTERM, lambda *_: watcher.stop())
     signal.signal(signal.SIGINT, lambda *_: watcher.stop())
-    # What is loaded by now lives as long as the process; frozen, the collector stops rescanning it
-    # while each chunk allocates its rows (measured: GC fell from 13% to 2% of ingestion CPU).
-    gc.freeze()
+    heap.freeze_loaded()  # each chunk allocates its rows: the collector should not rescan the rest
     watcher.run(once=once)
 
 

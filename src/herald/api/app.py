@@ -11,7 +11,7 @@ import redis
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from herald import __version__, keys, live
+from herald import __version__, heap, keys, live
 from herald.api import problems
 from herald.api.limits import BodyLimit
 from herald.api.routes import (
@@ -103,4 +103,6 @@ def app_from_env() -> FastAPI:
     """The uvicorn factory for ``herald api``: settings from ``HERALD_*`` variables."""
     from herald.config import get_settings
 
-    return create_app(get_settings())
+    app = create_app(get_settings())
+    heap.freeze_loaded()  # a batch of 1,000 events allocates its models and rows
+    return app

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import redis
 from sqlalchemy import Connection, Table, Text, cast, select, update
 
-from herald import keys, live
+from herald import heap, keys, live
 from herald.channels.base import EmailMessage, Sent, SmsMessage, WebhookMessage
 from herald.channels.email import EmailChannel
 from herald.channels.sms import SmsChannel
@@ -585,10 +585,13 @@ _runtime: tuple[int, Runtime] | None = None
 
 
 def runtime_for(settings: Settings, *, background: bool = False) -> Runtime:
-    """This process's runtime, created on first use (after Celery forks its pool processes).
+    """This process's runtime, created on first use (after Celery forks its pool processes),
+    when everything the process loaded is frozen out of the garbage collector's rounds: each
+    webhook sent allocates a few dozen short-lived objects (see ``herald.heap``).
 
     ``background``: the worker serves only the bulk lane (see ``store.db.make_engine``)."""
     global _runtime
     if _runtime is None or _runtime[0] != os.getpid():
         _runtime = (os.getpid(), Runtime(settings, background=background))
+        heap.freeze_loaded()
     return _runtime[1]
