@@ -8,7 +8,8 @@ workers into Redis hashes of histogram buckets and exposed here as one histogram
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
+from bisect import bisect_left
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -24,25 +25,30 @@ from herald.store.models import utcnow
 logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS_S: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BUCKET_FIELDS = tuple(f"le:{bound}" for bound in LATENCY_BUCKETS_S)
 
 
 def record_latencies(client: redis.Redis, *, prefix: str, observations: Iterable[tuple[str, str, float]]) -> None:
     """Add (lane, channel, seconds) observations to the shared histogram, in one round trip
     (counted here first, so a batch of a thousand costs a few commands, not thousands)."""
-    counts: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    # Per (lane, channel): how many fell first under each bound (the last slot: above them all).
+    counts: dict[tuple[str, str], list[int]] = {}
     sums: dict[tuple[str, str], float] = defaultdict(float)
     for lane, channel, seconds in observations:
-        bucket = counts[(lane, channel)]
-        for bound in LATENCY_BUCKETS_S:
-            if seconds <= bound:
-                bucket[f"le:{bound}"] += 1
-        bucket["count"] += 1
+        slots = counts.get((lane, channel))
+        if slots is None:
+            slots = counts[(lane, channel)] = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        slots[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
         sums[(lane, channel)] += seconds
     pipe = client.pipeline(transaction=False)
-    for (lane, channel), bucket in counts.items():
+    for (lane, channel), slots in counts.items():
         key = keys.latency(prefix, lane, channel)
-        for field, n in bucket.items():
-            pipe.hincrby(key, field, n)
+        below = 0
+        for field, n in zip(_BUCKET_FIELDS, slots, strict=False):  # buckets are cumulative
+            below += n
+            if below:
+                pipe.hincrby(key, field, below)
+        pipe.hincrby(key, "count", sum(slots))
         pipe.hincrbyfloat(key, "sum", sums[(lane, channel)])
     pipe.execute()
 

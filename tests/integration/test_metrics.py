@@ -6,13 +6,19 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from herald import keys
 from herald.api.app import create_app
 from herald.config import Settings
+from herald.metrics import LATENCY_BUCKETS_S, record_latencies
 from herald.store.db import transaction
 from herald.store.models import Delivery, DeliveryState, utcnow
 from tests.support import free_port
@@ -124,3 +130,37 @@ def test_readiness_fails_when_redis_is_unreachable_but_the_api_still_accepts(
     assert answer.status_code == 202, answer.text
     with sessions() as session:
         assert session.execute(text("SELECT count(*) FROM events")).scalar_one() == 1
+
+
+def test_latency_histogram_counts_each_observation_under_every_bound_it_fits(
+    client: TestClient, settings: Settings
+) -> None:
+    """Workers add batches of attempt latencies; a scrape shows Prometheus' cumulative buckets."""
+    store = redis.Redis.from_url(settings.redis_url)
+    prefix = settings.redis.key_prefix
+    observation = st.tuples(
+        st.sampled_from(["otp", "bulk"]),
+        st.sampled_from(["webhook", "sms"]),
+        st.one_of(st.sampled_from([0.0, *LATENCY_BUCKETS_S, 45.0]), st.floats(0, 60, allow_nan=False)),
+    )
+
+    @hypothesis_settings(max_examples=40)
+    @given(batches=st.lists(st.lists(observation, max_size=30), max_size=4))
+    def check(batches: list[list[tuple[str, str, float]]]) -> None:
+        store.delete(*[keys.latency(prefix, lane, ch) for lane in ("otp", "bulk") for ch in ("webhook", "sms")])
+        for batch in batches:
+            record_latencies(store, prefix=prefix, observations=batch)
+        seen = [o for batch in batches for o in batch]
+        buckets = scrape(client).get("herald_attempt_latency_seconds_bucket", {})
+        for lane, channel in {(lane, channel) for lane, channel, _ in seen}:
+            mine = [s for ln, ch, s in seen if (ln, ch) == (lane, channel)]
+            for bound in LATENCY_BUCKETS_S:
+                labels = (("channel", channel), ("lane", lane), ("le", str(bound)))
+                assert buckets[labels] == sum(1 for s in mine if s <= bound), (labels, mine)
+            assert buckets[(("channel", channel), ("lane", lane), ("le", "+Inf"))] == len(mine)
+        assert len(buckets) == 13 * len({(lane, channel) for lane, channel, _ in seen})
+
+    try:
+        check()
+    finally:
+        store.close()

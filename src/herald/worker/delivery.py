@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, Protocol
 
 import redis
@@ -496,7 +497,7 @@ class Runtime:
             provider = result.sent.provider if result.sent else error.provider if error else None
             attempts.append(
                 (delivery.id, number, result.started_at, result.latency_ms, status_code, decision.action.value,
-                 error_text, redact(decision.reason, limit=300), provider)
+                 error_text, _reason_text(decision.reason), provider)
             )  # fmt: skip
             state = _STATES[decision.action]
             updates.append(
@@ -561,6 +562,13 @@ def publish_states(client: redis.Redis, *, prefix: str, changes: Sequence[tuple[
     for tenant_id, items in by_tenant.items():
         pipe.publish(keys.timeline(prefix, tenant_id), json.dumps(items))
     pipe.execute()
+
+
+@lru_cache(maxsize=1024)
+def _reason_text(reason: str) -> str:
+    """A decision's reason as stored on its attempt: redacted, cut to 300 characters. Most are
+    the same few strings ("delivered"), and redacting is regular expressions on every one."""
+    return redact(reason, limit=300)
 
 
 def _hold(delivery: Taken, due_at: datetime) -> tuple[Any, ...]:
