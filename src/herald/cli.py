@@ -104,6 +104,7 @@ def api(host: str | None, port: int | None, workers: int) -> None:
 @click.option("--name", envvar="HERALD_WORKER__NAME", show_envvar=True, default=None)
 def worker(lanes: str, concurrency: int | None, name: str | None) -> None:
     """Run a Celery worker consuming the given lanes."""
+    from herald import heap
     from herald.worker.celery_app import make_celery
 
     chosen = [lane.strip() for lane in lanes.split(",") if lane.strip()]
@@ -128,6 +129,7 @@ def worker(lanes: str, concurrency: int | None, name: str | None) -> None:
     ]  # fmt: skip
     if s.worker.max_tasks_per_child:
         argv += ["--max-tasks-per-child", str(s.worker.max_tasks_per_child)]
+    heap.freeze_loaded()  # the pool processes fork from here and freeze their own runtime later
     app.worker_main(argv)
 
 
