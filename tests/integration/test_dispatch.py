@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 from celery import Celery
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from herald.config import Settings
@@ -121,6 +121,40 @@ def broker(settings: Settings) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(settings.redis_url)
     yield client
     client.close()
+
+
+# ------------------------------------------------------------------ the in-flight count
+
+
+def test_the_in_flight_count_reads_only_rows_a_lease_is_out_on(sessions: sessionmaker[Session]) -> None:
+    """The dispatcher's cap counts deliveries in flight; finished ones (the lane's whole history,
+    millions in production) must not be walked for it, and on SQLite the plan says so."""
+    add_deliveries(sessions, 30)
+    with transaction(sessions) as session:
+        claimed = queries.claim_due(session=session, lane=LANE, limit=12, lease_s=60, now=utcnow())
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(claimed[:5]))
+            .values(state=DeliveryState.delivered, lease_until=None, finished_at=utcnow())
+        )
+    engine = sessions.kw["bind"]
+    statements: list[tuple[str, object]] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, parameters: object, *_: object) -> None:
+        statements.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        with sessions() as session:
+            assert queries.in_flight(session=session, lane=LANE) == 7
+            assert queries.in_flight(session=session, lane="bulk") == 0
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    if engine.dialect.name == "sqlite":
+        [(statement, parameters), *_] = [(s, p) for s, p in statements if "count(" in s.lower()]
+        with engine.connect() as conn:
+            plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters).all()  # type: ignore[arg-type]
+        assert any("ix_deliveries_in_flight" in row[-1] for row in plan), plan
 
 
 # ------------------------------------------------------------------ claims on PostgreSQL

@@ -19,6 +19,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy import text as sql_text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -172,6 +173,13 @@ class Delivery(Base):
     __table_args__ = (
         Index("ix_deliveries_due", "lane", "due_at"),
         Index("ix_deliveries_lease", "lease_until"),
+        # Only rows a lease is out on: the dispatcher's in-flight count reads nothing else.
+        Index(
+            "ix_deliveries_in_flight",
+            "lane",
+            sqlite_where=sql_text("lease_until IS NOT NULL"),
+            postgresql_where=sql_text("lease_until IS NOT NULL"),
+        ),
         Index("ix_deliveries_tenant_state", "tenant_id", "state"),
         Index("ix_deliveries_tenant_subject", "tenant_id", "subject"),
         Index("ix_deliveries_schedule_key", "tenant_id", "schedule_key"),
