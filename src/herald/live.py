@@ -58,6 +58,23 @@ def note_event(session: Session, *, tenant_id: str, subject: str | None, event_i
         session.info.setdefault(_NOTES, []).append((tenant_id, message))
 
 
+def listened(client: redis.Redis, channels: Iterable[str]) -> set[str]:
+    """Which of ``channels`` some stream is subscribed to right now (one round trip).
+
+    A worker asks before it builds a batch's messages: nobody watching is the usual case, and
+    hundreds of state changes a batch cost JSON and a large PUBLISH for no reader. A stream that
+    subscribes a moment after the answer misses that batch, as it would miss one published a
+    moment before it subscribed; ``GET .../timeline`` has the state either way. (Pattern
+    subscriptions are not counted: Herald's streams subscribe to their tenant's channel.)
+    """
+    names = list(dict.fromkeys(channels))
+    if not names:
+        return set()
+    return {
+        (name.decode() if isinstance(name, bytes) else name) for name, count in client.pubsub_numsub(*names) if count
+    }
+
+
 def publish(client: redis.Redis, prefix: str, notes: list[tuple[str, dict[str, Any]]]) -> None:
     """Send ``(tenant_id, message)`` notes now; a Redis failure is logged, never raised."""
     try:

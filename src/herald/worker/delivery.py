@@ -548,19 +548,26 @@ class Runtime:
 
 def publish_states(client: redis.Redis, *, prefix: str, changes: Sequence[tuple[Taken, str]]) -> None:
     """Tell live timelines (SSE streams in any API process) that deliveries changed state: one
-    message per tenant holding the list of its changes, whatever the batch size."""
-    by_tenant: dict[str, list[dict[str, str]]] = {}
+    message per tenant holding the list of its changes, whatever the batch size, for the tenants
+    a stream is listening to (``live.listened``)."""
+    by_tenant: dict[str, list[tuple[Taken, str]]] = {}
     for delivery, state in changes:
         if delivery.subject:
-            by_tenant.setdefault(delivery.tenant_id, []).append(
-                {"kind": "delivery", "subject": delivery.subject, "delivery_id": delivery.id,
-                 "event_id": delivery.event_id, "channel": str(delivery.channel), "state": str(state)}
-            )  # fmt: skip
+            by_tenant.setdefault(delivery.tenant_id, []).append((delivery, state))
     if not by_tenant:
         return
+    channels = {keys.timeline(prefix, tenant_id): tenant_id for tenant_id in by_tenant}
+    listening = live.listened(client, channels)
+    if not listening:
+        return
     pipe = client.pipeline(transaction=False)
-    for tenant_id, items in by_tenant.items():
-        pipe.publish(keys.timeline(prefix, tenant_id), json.dumps(items))
+    for channel in listening:
+        items = [
+            {"kind": "delivery", "subject": d.subject, "delivery_id": d.id, "event_id": d.event_id,
+             "channel": str(d.channel), "state": str(state)}
+            for d, state in by_tenant[channels[channel]]
+        ]  # fmt: skip
+        pipe.publish(channel, json.dumps(items))
     pipe.execute()
 
 
