@@ -201,6 +201,12 @@ class IngestSettings(BaseModel):
     # A chunk is one write transaction; on SQLite everything else waits for it, so keep it short.
     chunk_size: int = Field(default=1000, ge=1, le=100_000)
     chunk_pause_s: float = Field(default=0.0, ge=0)
+    # While urgent lanes (otp, transactional) have been busy in the last ``yield_for_s`` seconds,
+    # chunks are this small with this pause between them, so an urgent write waits less for the
+    # lock and the CPU; 0 turns yielding off.
+    yield_for_s: float = Field(default=5.0, ge=0)
+    yield_chunk_size: int = Field(default=250, ge=1, le=100_000)
+    yield_pause_s: float = Field(default=0.02, ge=0)
     rescan_s: float = Field(default=5.0, gt=0)
     report_every_s: float = Field(default=30.0, gt=0)
     max_rejections: int = Field(default=1000, ge=0)

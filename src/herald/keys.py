@@ -40,3 +40,8 @@ def timeline(prefix: str, tenant_id: str) -> str:
 def pause(prefix: str, endpoint_id: str) -> str:
     """Until when (epoch seconds) deliveries to an endpoint wait after a 429/503; expires by itself."""
     return f"{prefix}:pause:{endpoint_id}"
+
+
+def urgent(prefix: str) -> str:
+    """Set for a few seconds whenever the dispatcher hands out urgent-lane work (bulk work yields)."""
+    return f"{prefix}:urgent"

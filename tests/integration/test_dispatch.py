@@ -22,6 +22,7 @@ from celery import Celery
 from sqlalchemy import Engine, event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from herald import keys
 from herald.config import Settings
 from herald.dispatch.dispatcher import Dispatcher
 from herald.errors import NotFoundError
@@ -38,8 +39,8 @@ LANE = "transactional"
 # ------------------------------------------------------------------ helpers
 
 
-def add_deliveries(sessions: sessionmaker[Session], count: int) -> list[str]:
-    """``count`` due webhook deliveries on the transactional lane, through intake as the API makes them."""
+def add_deliveries(sessions: sessionmaker[Session], count: int, lane: str = LANE) -> list[str]:
+    """``count`` due webhook deliveries on ``lane``, through intake as the API makes them."""
     with transaction(sessions) as session:
         try:
             tenant = queries.get_tenant(session=session, ref="acme")
@@ -47,7 +48,7 @@ def add_deliveries(sessions: sessionmaker[Session], count: int) -> list[str]:
             tenant = queries.create_tenant(session=session, name="acme")
             session.add(Endpoint(id=new_id("ep"), tenant_id=tenant.id, url="http://127.0.0.1:9/hook", enabled=True))
             session.flush()
-        events = [NewEvent(type="ticket.updated", subject=f"ticket:{n}", data={}, lane=LANE) for n in range(count)]
+        events = [NewEvent(type="ticket.updated", subject=f"ticket:{n}", data={}, lane=lane) for n in range(count)]
         answers = accept_events(session=session, tenant=tenant, events=events, now=utcnow())
     ids = [d["id"] for answer in answers for d in answer["deliveries"]]
     assert len(ids) == count
@@ -251,6 +252,27 @@ def test_an_idle_claim_publishes_one_delivery_and_a_backlog_full_batches(
     assert leased(sessions) == {DeliveryState.queued: len(backlog) + 1}
     broker.delete(LANE)
     assert dispatcher.dispatch_lane(LANE) is False and broker.llen(LANE) == 0  # nothing is claimed twice
+
+
+def test_urgent_claims_flag_bulk_work_to_yield_for_a_while_and_bulk_claims_do_not(
+    settings: Settings, sessions: sessionmaker[Session], make_dispatcher: MakeDispatcher, broker: redis.Redis
+) -> None:
+    dispatcher = make_dispatcher()
+    flag = keys.urgent(settings.redis.key_prefix)
+    add_deliveries(sessions, 3, lane="bulk")
+    assert dispatcher.dispatch_lane("bulk") is False
+    assert broker.llen("bulk") >= 1 and not broker.exists(flag)  # bulk work alone: nobody to yield to
+
+    add_deliveries(sessions, 1)
+    dispatcher.dispatch_lane(LANE)
+    assert broker.llen(LANE) == 1
+    assert 0 < broker.pttl(flag) <= settings.ingest.yield_for_s * 1000  # expires by itself
+
+    off = settings.model_copy(update={"ingest": settings.ingest.model_copy(update={"yield_for_s": 0.0})})
+    broker.delete(flag)
+    add_deliveries(sessions, 1)
+    make_dispatcher(off).dispatch_lane(LANE)
+    assert broker.llen(LANE) == 2 and not broker.exists(flag)
 
 
 # ------------------------------------------------------------------ the Celery app

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from herald import keys
 from herald.config import IngestSettings, Settings
 from herald.ingest.drops import DropState, Ingester, OutcomeKind
-from herald.ingest.watcher import Watcher
+from herald.ingest.watcher import Watcher, urgent_check
 from herald.store import queries
 from herald.store.db import transaction
 from herald.store.ids import new_id, new_ids
@@ -545,3 +545,32 @@ def test_a_file_that_no_event_announced_is_found_by_the_periodic_rescan(place: P
     assert (found.created_at - first.finished_at).total_seconds() >= rescan_s
     assert deliveries_by_subject(place.sessions, found.id) == {"v1": 1, "v2": 1}
     assert (place.folder / "done" / "unannounced.txt").exists()
+
+
+def test_chunks_shrink_and_pause_while_urgent_lanes_are_busy(place: Place) -> None:
+    """The dispatcher flags urgent-lane work in Redis (``keys.urgent``); the watcher's ingester reads
+    the flag before each chunk: small chunks with a pause while it is set, full ones otherwise."""
+    settings = place.settings
+    client = redis.Redis.from_url(settings.redis_url)
+    flag = keys.urgent(settings.redis.key_prefix)
+    tuned = settings.ingest.model_copy(update={"chunk_size": 50, "yield_chunk_size": 20, "yield_pause_s": 0.0})
+    place.settings = settings.model_copy(update={"ingest": tuned})
+    try:
+        counted: dict[str, int] = {}
+
+        def ingest(name: str) -> None:
+            path = drop_file(place.folder, name, [f"u{name[0]}{n:04d}" for n in range(200)])
+            chunks: list[int] = []
+            outcome = place.ingester(on_chunk=chunks.append, urgent=urgent_check(client, settings.redis.key_prefix))
+            assert outcome.process(path).kind is OutcomeKind.ingested
+            counted[name] = len(chunks)
+
+        ingest("calm.txt")
+        client.set(flag, 1, px=60_000)  # what the dispatcher does when it hands out urgent work
+        ingest("busy.txt")
+        client.delete(flag)
+        assert counted == {"calm.txt": 4, "busy.txt": 10}  # 200 lines in full chunks of 50, or of 20
+        with place.sessions() as session:
+            assert session.scalar(select(func.count()).select_from(Delivery)) == 400  # nothing lost either way
+    finally:
+        client.close()

@@ -53,6 +53,7 @@ class Dispatcher:
         self.reads = make_sessionmaker(reader(sessions.kw["bind"]))
         self.bulk_sessions = make_sessionmaker(background(sessions.kw["bind"]))  # bulk claims give way
         self.wake_key = keys.wake(settings.redis.key_prefix)
+        self.urgent_key = keys.urgent(settings.redis.key_prefix)
         self.stopping = threading.Event()
         self._bulk_wake = threading.Event()
         self._last_reconcile = 0.0
@@ -138,6 +139,8 @@ class Dispatcher:
         self._in_flight[lane] = (count, counted_at, claimed + len(ids))
         if not ids:
             return False
+        if lane != BULK:
+            self._flag_urgent()
         batches = chunks(ids, target_tasks=cfg.target_tasks, max_batch=cfg.max_batch)
         published = 0
         try:
@@ -153,6 +156,16 @@ class Dispatcher:
             raise
         logger.debug("lane %s: %d deliveries in %d tasks", lane, len(ids), len(batches))
         return len(ids) >= limit
+
+    def _flag_urgent(self) -> None:
+        """Tell bulk work (the drop ingester) that urgent lanes are busy, for ``yield_for_s``."""
+        hold_ms = int(self.settings.ingest.yield_for_s * 1000)
+        if hold_ms <= 0:
+            return
+        try:
+            self.redis.set(self.urgent_key, 1, px=hold_ms)
+        except redis.RedisError:
+            logger.warning("could not flag urgent-lane work; bulk work goes on at full speed")
 
     def _in_flight_bound(self, lane: str) -> int:
         """At least as many deliveries as ``lane`` has in flight; counted again (a read) when the

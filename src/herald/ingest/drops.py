@@ -270,6 +270,8 @@ class Ingester:
 
     ``wake`` is called after each committed chunk; ``on_chunk(n)`` after the n-th chunk this
     call committed (tests raise there to simulate a crash); ``stop`` ends ingestion between chunks.
+    ``urgent()`` says whether urgent lanes are busy now: the next chunks are then smaller and
+    paused (``yield_chunk_size``, ``yield_pause_s``).
     """
 
     def __init__(
@@ -281,6 +283,7 @@ class Ingester:
         wake: Callable[[], None] = lambda: None,
         stop: threading.Event | None = None,
         on_chunk: Callable[[int], None] = lambda _n: None,
+        urgent: Callable[[], bool] = lambda: False,
     ) -> None:
         self.settings = settings
         self.config = settings.ingest
@@ -289,6 +292,7 @@ class Ingester:
         self.wake = wake
         self.stop = stop or threading.Event()
         self.on_chunk = on_chunk
+        self.urgent = urgent
         self._reported: dict[str, float] = {}
 
     def process(self, path: Path) -> Outcome:
@@ -429,6 +433,14 @@ class Ingester:
             tenant.id, endpoint.id, config.event_type, config.lane, config.data, campaign, template, config.template
         )
 
+    def _pace(self) -> tuple[int, float]:
+        """The next chunk's size and the pause after it: smaller and paused while urgent lanes are busy."""
+        if self.config.yield_for_s and self.urgent():
+            return min(self.config.yield_chunk_size, self.config.chunk_size), max(
+                self.config.yield_pause_s, self.config.chunk_pause_s
+            )
+        return self.config.chunk_size, self.config.chunk_pause_s
+
     def _ingest(self, path: Path, name: str, drop: Drop, target: Target) -> Outcome:
         tally = _Tally(drop.committed_offset, drop.lines, drop.accepted, drop.rejected, list(drop.rejections))
         resume_at = drop.committed_offset
@@ -436,7 +448,7 @@ class Ingester:
             logger.info("drop %s: resuming %s after line %d", drop.id, name, drop.lines)
         else:
             logger.info("drop %s: ingesting %s", drop.id, name)
-        size = self.config.chunk_size
+        size, pause_s = self._pace()
         chunks = 0
         with SeenIds() as seen, path.open("rb") as stream:
             parser = DropParser(stream)
@@ -459,7 +471,8 @@ class Ingester:
                     chunk = []
                     chunks += 1
                     self.on_chunk(chunks)
-                    if self.stop.wait(self.config.chunk_pause_s):
+                    size, pause_s = self._pace()
+                    if self.stop.wait(pause_s):
                         logger.info("drop %s: stopping after line %d; resumes on restart", drop.id, tally.lines)
                         return Outcome(OutcomeKind.stopped, name, drop.id)
             if replayed:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -21,6 +22,20 @@ from herald.config import Settings
 from herald.ingest.drops import DONE, FAILED, Ingester, Outcome, drops_dir, is_ignored, pending_files
 
 logger = logging.getLogger(__name__)
+
+
+def urgent_check(client: redis.Redis, prefix: str) -> Callable[[], bool]:
+    """Whether the dispatcher handed out urgent-lane work lately (``keys.urgent``); an unreachable
+    Redis reads as no: ingestion goes on at full speed."""
+    key = keys.urgent(prefix)
+
+    def urgent() -> bool:
+        try:
+            return bool(client.exists(key))
+        except redis.RedisError:
+            return False
+
+    return urgent
 
 
 class Watcher:
@@ -38,7 +53,12 @@ class Watcher:
         self.stopping = threading.Event()
         self.wake_key = keys.wake(settings.redis.key_prefix)
         self.ingester = Ingester(
-            settings=settings, sessions=sessions, directory=self.directory, wake=self._wake, stop=self.stopping
+            settings=settings,
+            sessions=sessions,
+            directory=self.directory,
+            wake=self._wake,
+            stop=self.stopping,
+            urgent=urgent_check(client, settings.redis.key_prefix),
         )
 
     def run(self, *, once: bool = False) -> None:
