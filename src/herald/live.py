@@ -41,14 +41,18 @@ class DeliveryRow(Protocol):
     def channel(self) -> str: ...
 
 
+def delivery_message(row: DeliveryRow, state: str) -> dict[str, Any]:
+    """What a stream is told of a delivery that is now in ``state``."""
+    return {"kind": "delivery", "subject": row.subject, "delivery_id": row.id, "event_id": row.event_id,
+            "channel": str(row.channel), "state": str(state)}  # fmt: skip
+
+
 def note_deliveries(session: Session, rows: Iterable[DeliveryRow], state: str) -> None:
     """Publish, once ``session`` commits, that these deliveries are now in ``state``."""
     notes = session.info.setdefault(_NOTES, [])
     for row in rows:
         if row.subject:
-            payload = {"kind": "delivery", "subject": row.subject, "delivery_id": row.id,
-                       "event_id": row.event_id, "channel": str(row.channel), "state": str(state)}  # fmt: skip
-            notes.append((row.tenant_id, payload))
+            notes.append((row.tenant_id, delivery_message(row, state)))
 
 
 def note_event(session: Session, *, tenant_id: str, subject: str | None, event_id: str, type: str) -> None:

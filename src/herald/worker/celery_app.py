@@ -22,6 +22,8 @@ def make_celery(settings: Settings) -> Celery:
     dispatcher's lease plus a margin: by the time Redis would redeliver an unacknowledged message
     the reconciler has already re-dispatched its rows, and the duplicate finds them taken.
     """
+    from herald.scheduler.jobs import jobs as periodic_jobs
+
     app = Celery("herald", broker=settings.broker_url, set_as_current=False)
     visibility_timeout = int(settings.dispatch.visibility_timeout_s or settings.dispatch.lease_s * 2 + 60)
     conf: dict[str, Any] = {
@@ -53,11 +55,7 @@ def make_celery(settings: Settings) -> Celery:
                 # would drop every tick for as long as a backlog lasts.
                 "options": {"queue": "transactional", "expires": max(every_s, PERIODIC_EXPIRES_S)},
             }
-            for name, every_s in (
-                ("recurring", settings.scheduler.recurring_every_s),
-                ("cleanup", settings.scheduler.cleanup_every_s),
-                ("reconcile", settings.scheduler.reconcile_every_s),
-            )
+            for name, every_s in ((job.name, job.every_s) for job in periodic_jobs(settings).values())
         },
         "timezone": "UTC",
         "enable_utc": True,

@@ -562,11 +562,7 @@ def publish_states(client: redis.Redis, *, prefix: str, changes: Sequence[tuple[
         return
     pipe = client.pipeline(transaction=False)
     for channel in listening:
-        items = [
-            {"kind": "delivery", "subject": d.subject, "delivery_id": d.id, "event_id": d.event_id,
-             "channel": str(d.channel), "state": str(state)}
-            for d, state in by_tenant[channels[channel]]
-        ]  # fmt: skip
+        items = [live.delivery_message(d, state) for d, state in by_tenant[channels[channel]]]
         pipe.publish(channel, json.dumps(items))
     pipe.execute()
 
