@@ -15,7 +15,7 @@ import click
 from pydantic import ValidationError as SettingsValidationError
 
 from herald import logs
-from herald.config import LANES, Settings, get_settings
+from herald.config import LANES, Settings, explain, get_settings
 from herald.errors import HeraldError
 
 logger = logging.getLogger(__name__)
@@ -26,8 +26,7 @@ def settings() -> Settings:
     try:
         return get_settings()
     except SettingsValidationError as exc:
-        first = exc.errors()[0]
-        raise click.ClickException(f"bad setting: {first['msg']}") from None
+        raise click.ClickException(f"bad setting: {explain(exc)}") from None
 
 
 def handles_errors(func: F) -> F:

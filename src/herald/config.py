@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LANES: tuple[str, ...] = ("otp", "transactional", "bulk")
@@ -281,6 +281,16 @@ class Settings(BaseSettings):
         if url.startswith("unix://"):
             return "redis+socket://" + url.removeprefix("unix://")
         return url
+
+
+def explain(error: ValidationError) -> str:
+    """The first problem of a settings error, naming its ``HERALD_*`` variable (never its value:
+    it may be a secret)."""
+    first = error.errors()[0]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if not first["loc"] or message.startswith("HERALD_"):  # our validators name the variable
+        return message
+    return "HERALD_" + "__".join(str(part) for part in first["loc"]).upper() + ": " + message
 
 
 @lru_cache(maxsize=1)

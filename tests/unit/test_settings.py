@@ -7,7 +7,7 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from herald.config import Settings
+from herald.config import Settings, explain
 
 
 def test_nested_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,3 +109,25 @@ def test_every_setting_is_documented_in_the_readme() -> None:
             names.append(f"HERALD_{name.upper()}")
     missing = [n for n in names if f"`{n}`" not in readme]
     assert not missing, f"settings missing from the README: {missing}"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"HERALD_INGEST__YIELD_CHUNK_SIZE": "0"}, "HERALD_INGEST__YIELD_CHUNK_SIZE: Input should be greater than"),
+        ({"HERALD_INGEST__YIELD_PAUSE_S": "-1"}, "HERALD_INGEST__YIELD_PAUSE_S: Input should be greater than"),
+        ({"HERALD_WORKER__CONCURRENCY": "s3cr3t-two"}, "HERALD_WORKER__CONCURRENCY: Input should be a valid integer"),
+        ({"HERALD_DISPATCH__LEASE_S": "5"}, "HERALD_DISPATCH__LEASE_S: must exceed HERALD_WEBHOOK__TOTAL_TIMEOUT_S"),
+        ({"HERALD_WEBHOOK__CONNECT_TIMEOUT_S": "-5"}, "HERALD_WEBHOOK__CONNECT_TIMEOUT_S: Input should be greater"),
+    ],
+)
+def test_a_bad_setting_is_explained_by_its_variable_never_its_value(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    message = explain(caught.value)
+    assert message.startswith(expected), message
+    assert "s3cr3t" not in message  # values are never echoed: some settings are secrets
