@@ -45,3 +45,9 @@ def pause(prefix: str, endpoint_id: str) -> str:
 def urgent(prefix: str) -> str:
     """Set for a few seconds whenever the dispatcher hands out urgent-lane work (bulk work yields)."""
     return f"{prefix}:urgent"
+
+
+def taken(prefix: str, first_id: str, lease: str) -> str:
+    """Set by the worker that took a claimed batch (its first delivery id and the claim's lease),
+    for as long as the lease lasts: a copy of the same message finds it and sends nothing."""
+    return f"{prefix}:taken:{first_id}:{lease}"

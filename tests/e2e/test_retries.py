@@ -123,7 +123,9 @@ def test_lanes_are_separate_queues(
     otp = send(client, auth, lane="otp")
     wait_until(lambda: settled(client, auth, otp, "delivered"), what="the otp delivery")
     # No bulk worker runs: bulk deliveries sit in their own queue, untouched by the otp worker.
-    assert all(delivery(client, auth, i)["state"] == "queued" for i in bulk)
+    # They are handed to the bulk lane's queue (sending, under a lease), never attempted.
+    wait_until(lambda: all(delivery(client, auth, i)["state"] == "sending" for i in bulk), what="the bulk lane's claim")
+    assert all(delivery(client, auth, i)["attempt_count"] == 0 for i in bulk)
     assert receiver.ids() == {otp}
     processes.worker(name="bulk-worker", lanes="bulk")
     wait_until(lambda: receiver.ids() == {otp, *bulk}, what="the bulk worker to drain its lane")

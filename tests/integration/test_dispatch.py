@@ -14,6 +14,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -55,19 +56,26 @@ def add_deliveries(sessions: sessionmaker[Session], count: int, lane: str = LANE
     return ids
 
 
-def queued_batches(client: redis.Redis, queue: str) -> list[list[str]]:
-    """The id batches of every message waiting in ``queue``, oldest first."""
-    batches = []
+def queued_messages(client: redis.Redis, queue: str) -> list[tuple[list[str], datetime]]:
+    """The id batch and the claim's lease of every message waiting in ``queue``, oldest first."""
+    messages = []
     for raw in reversed(client.lrange(queue, 0, -1)):  # LPUSH: the newest is at the head
         envelope = json.loads(raw)
         assert envelope["content-type"] == "application/json"
         assert envelope["properties"]["body_encoding"] == "base64"
         assert envelope["headers"]["task"] == DELIVER_BATCH
         args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
-        assert kwargs == {}
+        assert set(kwargs) == {"lease"}
+        lease = datetime.fromisoformat(kwargs["lease"])
+        assert lease.tzinfo is not None
         [ids] = args
-        batches.append(ids)
-    return batches
+        messages.append((ids, lease))
+    return messages
+
+
+def queued_batches(client: redis.Redis, queue: str) -> list[list[str]]:
+    """The id batches of every message waiting in ``queue``, oldest first."""
+    return [ids for ids, _lease in queued_messages(client, queue)]
 
 
 def leased(sessions: sessionmaker[Session]) -> dict[str, int]:
@@ -194,7 +202,7 @@ def test_two_dispatchers_claiming_at_once_never_claim_the_same_delivery(
     everything = claimed[0] + claimed[1]
     assert len(everything) == len(set(everything)), "a delivery was claimed twice"
     assert sorted(everything) == sorted(ids)
-    assert leased(sessions) == {DeliveryState.queued: len(ids)}
+    assert leased(sessions) == {DeliveryState.sending: len(ids)}
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
@@ -216,7 +224,7 @@ def test_a_dispatcher_skips_rows_another_claim_holds_instead_of_waiting(
         thread.join(10)
     published = [i for batch in queued_batches(broker, LANE) for i in batch]
     assert sorted(published) == sorted(set(ids) - set(held))
-    assert leased(sessions) == {DeliveryState.queued: len(ids)}
+    assert leased(sessions) == {DeliveryState.sending: len(ids)}
 
 
 # ------------------------------------------------------------------ adaptive batches
@@ -230,7 +238,10 @@ def test_an_idle_claim_publishes_one_delivery_and_a_backlog_full_batches(
 
     [alone] = add_deliveries(sessions, 1)
     assert dispatcher.dispatch_lane(LANE) is False  # nothing more was due
-    assert queued_batches(broker, LANE) == [[alone]]
+    [(batch, lease)] = queued_messages(broker, LANE)
+    assert batch == [alone]
+    with sessions() as session:  # the message names the claim's lease: the worker's token
+        assert session.get(Delivery, alone).lease_until == lease  # type: ignore[union-attr]
     envelope = json.loads(broker.lindex(LANE, 0))
     assert envelope["properties"]["delivery_info"]["routing_key"] == LANE
     broker.delete(LANE)
@@ -249,7 +260,7 @@ def test_an_idle_claim_publishes_one_delivery_and_a_backlog_full_batches(
     assert all(1 <= len(b) <= cfg.max_batch for b in rest)
     sent = [i for b in first + rest for i in b]
     assert len(sent) == len(set(sent)) and set(sent) == set(backlog)
-    assert leased(sessions) == {DeliveryState.queued: len(backlog) + 1}
+    assert leased(sessions) == {DeliveryState.sending: len(backlog) + 1}
     broker.delete(LANE)
     assert dispatcher.dispatch_lane(LANE) is False and broker.llen(LANE) == 0  # nothing is claimed twice
 

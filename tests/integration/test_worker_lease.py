@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,6 +22,7 @@ from herald.config import Settings
 from herald.store import queries
 from herald.store.db import transaction
 from herald.store.models import Attempt, Delivery, utcnow
+from herald.worker.celery_app import DELIVER_BATCH, make_celery
 from herald.worker.delivery import Runtime
 from tests.support import Receiver, wait_until
 
@@ -46,9 +48,12 @@ def send_events(client: TestClient, auth: dict[str, str], receiver: Receiver, co
     assert client.post("/v1/events/batch", json={"events": events}, headers=auth).status_code == 202
 
 
-def claim(sessions: sessionmaker[Session], lease_s: float, now: datetime | None = None) -> list[str]:
+def claim(sessions: sessionmaker[Session], lease_s: float, now: datetime | None = None) -> tuple[list[str], datetime]:
+    """The dispatcher's claim: the ids and the lease its message carries."""
+    now = now or utcnow()
     with transaction(sessions) as session:
-        return queries.claim_due(session=session, lane="transactional", limit=100, lease_s=lease_s, now=now or utcnow())
+        ids = queries.claim_due(session=session, lane="transactional", limit=100, lease_s=lease_s, now=now)
+    return ids, queries.lease_expiry(now, lease_s)
 
 
 def rows(sessions: sessionmaker[Session]) -> list[Delivery]:
@@ -64,7 +69,7 @@ def test_a_batch_sending_longer_than_its_lease_keeps_it_and_is_recorded_once(
     receiver.delay_s = 0.8
     # One request at a time: six take about 5 s, twice the lease.
     send_events(client, auth, receiver, 6, max_concurrency=1)
-    ids = claim(sessions, settings.dispatch.lease_s)
+    ids, lease_until = claim(sessions, settings.dispatch.lease_s)
     assert len(ids) == 6
     done = threading.Event()
     returned: list[int] = []
@@ -79,7 +84,7 @@ def test_a_batch_sending_longer_than_its_lease_keeps_it_and_is_recorded_once(
     reconciler.start()
     try:
         with running(settings) as runtime:
-            runtime.deliver(ids)
+            runtime.deliver(ids, lease_until)
     finally:
         done.set()
         reconciler.join()
@@ -94,9 +99,9 @@ def test_a_worker_that_lost_its_lease_records_its_attempt_but_not_the_state(
 ) -> None:
     receiver.delay_s = 2.0
     send_events(client, auth, receiver, 1)
-    [delivery_id] = claim(sessions, settings.dispatch.lease_s)
+    [delivery_id], lease_until = claim(sessions, settings.dispatch.lease_s)
     with running(settings) as runtime:
-        worker = threading.Thread(target=runtime.deliver, args=([delivery_id],))
+        worker = threading.Thread(target=runtime.deliver, args=([delivery_id], lease_until))
         worker.start()
         try:
             wait_until(lambda: receiver.in_flight == 1, what="the worker's request")
@@ -105,15 +110,116 @@ def test_a_worker_that_lost_its_lease_records_its_attempt_but_not_the_state(
             later = utcnow() + timedelta(seconds=settings.dispatch.lease_s + 1)
             with transaction(sessions) as session:
                 assert queries.reconcile(session=session, now=later) == 1
-            assert claim(sessions, settings.dispatch.lease_s, now=later) == [delivery_id]
+            assert claim(sessions, settings.dispatch.lease_s, now=later)[0] == [delivery_id]
             [claimed_again] = rows(sessions)
         finally:
             worker.join(30)
     assert receiver.calls[delivery_id] == 1
     [after] = rows(sessions)
     # The first worker's outcome did not overwrite the second claim's row...
-    assert (after.state, after.attempts, after.lease_until) == ("queued", 0, claimed_again.lease_until)
+    assert (after.state, after.attempts, after.lease_until) == ("sending", 0, claimed_again.lease_until)
     # ...but its attempt is history all the same.
     with sessions() as session:
         attempts = session.scalars(select(Attempt).where(Attempt.delivery_id == delivery_id)).all()
     assert [(a.number, a.status_code, a.outcome) for a in attempts] == [(1, 200, "delivered")]
+
+
+def test_a_message_sends_only_rows_still_under_its_claims_lease(
+    client: TestClient, auth: dict[str, str], receiver: Receiver, sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    """The claim's lease is the message's token: a message naming another lease, or one whose
+    lease ran out while it waited in the broker, sends nothing and leaves the rows to the
+    reconciler; the right one sends each row once, and a late copy of it finds them finished."""
+    send_events(client, auth, receiver, 3)
+    ids, lease_until = claim(sessions, settings.dispatch.lease_s)
+    with running(settings) as runtime:
+        runtime.deliver(ids, lease_until - timedelta(microseconds=1))  # an earlier claim's message
+        assert receiver.calls == {}
+        assert {(d.state, d.lease_until) for d in rows(sessions)} == {("sending", lease_until)}
+        runtime.deliver(ids, lease_until)
+        runtime.deliver(ids, lease_until)  # the broker's late copy
+        # A claim whose lease ran out before any worker picked its message up.
+        one = {"events": [{"type": "visit.booked", "subject": "visit:late"}]}
+        assert client.post("/v1/events/batch", json=one, headers=auth).status_code == 202
+        [late], expired = claim(sessions, 0.001)
+        runtime.deliver([late], expired)
+    assert sorted(receiver.calls) == sorted(ids) and set(receiver.calls.values()) == {1}
+    states = {d.id: (d.state, d.attempts) for d in rows(sessions)}
+    assert [states[i] for i in ids] == [("delivered", 1)] * 3
+    assert states[late] == ("sending", 0)  # untouched: the reconciler hands it out again
+
+
+def test_a_copy_of_a_message_being_sent_sends_nothing(
+    client: TestClient, auth: dict[str, str], receiver: Receiver, sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    """The broker may deliver one message twice; the copy finds the batch marked taken in Redis."""
+    receiver.delay_s = 1.0
+    send_events(client, auth, receiver, 2)
+    ids, lease_until = claim(sessions, settings.dispatch.lease_s)
+    with running(settings) as first, running(settings) as second:
+        worker = threading.Thread(target=first.deliver, args=(ids, lease_until))
+        worker.start()
+        try:
+            wait_until(lambda: receiver.in_flight == 2, what="the first worker's requests")
+            second.deliver(ids, lease_until)
+        finally:
+            worker.join(30)
+    assert dict(receiver.calls) == dict.fromkeys(ids, 1)
+    assert [(d.state, d.attempts) for d in rows(sessions)] == [("delivered", 1)] * 2
+
+
+def test_a_message_that_waited_through_most_of_its_lease_renews_it_before_sending(
+    settings: Settings, client: TestClient, auth: dict[str, str], receiver: Receiver, sessions: sessionmaker[Session]
+) -> None:
+    """A claim's lease starts when the dispatcher publishes: a worker that gets the message late
+    renews at once rather than a third of a lease into sending, or the reconciler would hand the
+    rows out again while they are being sent."""
+    settings.dispatch.lease_s = 3.0
+    settings.webhook.total_timeout_s = 2.0
+    receiver.delay_s = 1.5
+    send_events(client, auth, receiver, 2)
+    ids, lease_until = claim(sessions, 0.4)  # as if the message had waited 2.6 s of a 3 s lease
+    done = threading.Event()
+    returned: list[int] = []
+
+    def reconcile_meanwhile() -> None:
+        while not done.is_set():
+            with transaction(sessions) as session:
+                returned.append(queries.reconcile(session=session, now=utcnow()))
+            done.wait(0.1)
+
+    reconciler = threading.Thread(target=reconcile_meanwhile)
+    reconciler.start()
+    try:
+        with running(settings) as runtime:
+            runtime.deliver(ids, lease_until)
+    finally:
+        done.set()
+        reconciler.join()
+    assert len(returned) > 5 and sum(returned) == 0, "the reconciler took back rows being sent"
+    assert [(d.state, d.attempts) for d in rows(sessions)] == [("delivered", 1)] * 2
+    assert dict(receiver.calls) == dict.fromkeys(ids, 1)
+
+
+@pytest.mark.parametrize("lease", [None, "tomorrow", "2026-11-29T10:00:00"])
+def test_a_task_message_without_a_usable_lease_is_left_to_the_reconciler(
+    client: TestClient,
+    auth: dict[str, str],
+    receiver: Receiver,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    lease: str | None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A message from an older dispatcher (ids only) or a damaged one is not sent: its rows wait
+    for their lease to run out and are handed out again."""
+    send_events(client, auth, receiver, 2)
+    ids, lease_until = claim(sessions, settings.dispatch.lease_s)
+    app = make_celery(settings)
+    try:
+        app.tasks[DELIVER_BATCH].run(ids, lease)
+    finally:
+        app.close()
+    assert "without a usable lease" in caplog.text
+    assert receiver.calls == {}
+    assert {(d.state, d.lease_until) for d in rows(sessions)} == {("sending", lease_until)}

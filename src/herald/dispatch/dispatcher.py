@@ -142,11 +142,13 @@ class Dispatcher:
         if lane != BULK:
             self._flag_urgent()
         batches = chunks(ids, target_tasks=cfg.target_tasks, max_batch=cfg.max_batch)
+        # The claim's lease travels with its messages: a worker sends only rows that still hold it.
+        lease = {"lease": queries.lease_expiry(now, cfg.lease_s).isoformat()}
         published = 0
         try:
             with self.celery.producer_or_acquire() as producer:
                 for batch in batches:
-                    self.celery.send_task(DELIVER_BATCH, args=[batch], queue=lane, producer=producer)
+                    self.celery.send_task(DELIVER_BATCH, args=[batch], kwargs=lease, queue=lane, producer=producer)
                     published += 1
         except Exception:
             unsent = [i for batch in batches[published:] for i in batch]

@@ -260,10 +260,19 @@ def list_deliveries(
 # ---------------------------------------------------------------- dispatching
 
 
-def claim_due(*, session: Session, lane: str, limit: int, lease_s: float, now: datetime) -> list[str]:
-    """Take up to ``limit`` due deliveries of ``lane``: clear ``due_at``, set a lease, state queued.
+def lease_expiry(now: datetime, lease_s: float) -> datetime:
+    """When a lease taken at ``now`` runs out; the value of ``lease_until`` a claim writes."""
+    return now + timedelta(seconds=lease_s)
 
-    On PostgreSQL concurrent dispatchers skip each other's locked rows.
+
+def claim_due(*, session: Session, lane: str, limit: int, lease_s: float, now: datetime) -> list[str]:
+    """Take up to ``limit`` due deliveries of ``lane`` for sending: clear ``due_at``, state
+    ``sending`` under a lease until ``lease_expiry(now, lease_s)``.
+
+    The lease is the claim's token: the dispatcher puts it in the task message, and the worker
+    sends only rows that still hold it (``sending`` and ``lease_until`` equal to it), so the claim
+    is the one write before the outcome. On PostgreSQL concurrent dispatchers skip each other's
+    locked rows.
     """
     due = (
         select(Delivery.id)
@@ -279,8 +288,8 @@ def claim_due(*, session: Session, lane: str, limit: int, lease_s: float, now: d
             .where(Delivery.id.in_(ids))
             .values(
                 due_at=None,
-                lease_until=now + timedelta(seconds=lease_s),
-                state=DeliveryState.queued,
+                lease_until=lease_expiry(now, lease_s),
+                state=DeliveryState.sending,
                 updated_at=now,
             )
             .execution_options(synchronize_session=False)
@@ -292,8 +301,8 @@ def release(*, session: Session, ids: Sequence[str], now: datetime) -> None:
     """Put claimed deliveries back to due (their Celery message could not be published)."""
     session.execute(
         update(Delivery)
-        .where(Delivery.id.in_(ids), Delivery.state == DeliveryState.queued)
-        .values(due_at=now, lease_until=None)
+        .where(Delivery.id.in_(ids), Delivery.state == DeliveryState.sending)
+        .values(due_at=now, lease_until=None, state=DeliveryState.queued)
         .execution_options(synchronize_session=False)
     )
 

@@ -5,12 +5,16 @@ loop and one instance of each channel (one aiohttp session), all reused across t
 
 A batch goes through three steps:
 
-1. **take** (one transaction): the rows the dispatcher handed out (``queued``, no ``due_at``)
-   become ``sending`` under a lease; rows past their ``deliver_by`` expire, rows that cannot be
-   sent (endpoint disabled, address erased, passcode gone) die, and rows an endpoint cannot take
-   now (paused after a 429/503, over its rate or concurrency) are held: due again a little
-   later, their attempt count unchanged.
-2. **send**, concurrently; the lease is renewed while a long batch is still sending.
+1. **take** (a read): the rows the dispatcher's claim left ``sending`` under the lease named in
+   the task message, with their events. A claim is the one write before the outcome; its lease
+   is its token, so a message for rows that were since finished, reconciled or claimed again
+   finds nothing, and a Redis marker per claimed batch keeps a duplicate message from sending it
+   twice meanwhile. Rows past their ``deliver_by`` expire, rows that cannot be sent (endpoint
+   disabled, address erased, passcode gone) die, and rows an endpoint cannot take now (paused
+   after a 429/503, over its rate or concurrency) are held: due again a little later, their
+   attempt count unchanged.
+2. **send**, concurrently; the lease is renewed while a long batch is still sending (at once if
+   the message waited in the broker long enough to use up a third of it).
 3. **record** (one transaction): an attempt row per send and each delivery's new state, written
    only where this worker still holds the lease, so a worker that lost its lease never
    overwrites what the worker that took over decided.
@@ -105,6 +109,27 @@ class Taken:
 
 
 _TAKEN_COLUMNS = [_DELIVERIES.c[name] for name in Taken.__slots__]
+
+
+@dataclass(slots=True)
+class Source:
+    """The event a taken delivery is for, read with it: its data as the stored JSON text, which
+    webhook payloads splice in rather than decode (a bulk batch is hundreds of them)."""
+
+    id: str
+    type: str
+    subject: str | None
+    created_at: datetime
+    data_json: str
+
+    @property
+    def data(self) -> Any:
+        return json.loads(self.data_json)
+
+
+_SOURCE_COLUMNS = [
+    _EVENTS.c.id, _EVENTS.c.type, _EVENTS.c.subject, _EVENTS.c.created_at, cast(_EVENTS.c.data, Text),
+]  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -207,9 +232,10 @@ class Runtime:
         except redis.RedisError:
             logger.warning("could not wake the dispatcher; it will find the work on its next tick")
 
-    def deliver(self, ids: list[str]) -> None:
-        """Send the deliveries ``ids`` that are still ours to send; record what happened."""
-        batch = self._take(ids)
+    def deliver(self, ids: list[str], lease_until: datetime) -> None:
+        """Send the deliveries ``ids`` of the claim whose lease runs until ``lease_until``, those
+        still ours to send; record what happened."""
+        batch = self._take(ids, lease_until)
         if batch is None:
             return
         try:
@@ -221,32 +247,33 @@ class Runtime:
 
     # ------------------------------------------------------------------ take
 
-    def _take(self, ids: list[str]) -> Batch | None:
+    def _take(self, ids: list[str], lease_until: datetime) -> Batch | None:
         now = utcnow()
-        lease_until = now + timedelta(seconds=self.settings.dispatch.lease_s)
-        # The write is one statement: on SQLite every other writer waits while it runs, so what
-        # follows (reading events and endpoints, building messages, pacing) happens after it.
-        with self.engine.begin() as conn:
-            # Only rows the dispatcher handed out (queued, no due_at) are taken: a duplicate
-            # message for rows that are already sending, finished or due again finds nothing.
+        if lease_until <= now:  # the message waited out its lease: the reconciler hands the rows out again
+            return None
+        with self.reads.connect() as conn:
             rows = conn.execute(
-                update(_DELIVERIES)
+                select(*_TAKEN_COLUMNS, *_SOURCE_COLUMNS)
+                .join_from(_DELIVERIES, _EVENTS, _EVENTS.c.id == _DELIVERIES.c.event_id)
                 .where(
                     _DELIVERIES.c.id.in_(ids),
-                    _DELIVERIES.c.state == DeliveryState.queued,
-                    _DELIVERIES.c.due_at.is_(None),
+                    _DELIVERIES.c.state == DeliveryState.sending,
+                    _DELIVERIES.c.lease_until == lease_until,
                 )
-                .values(state=DeliveryState.sending, lease_until=lease_until, updated_at=now)
-                .returning(*_TAKEN_COLUMNS)
             ).all()
-        if not rows:
-            return None
-        taken = [Taken(*row) for row in rows]
-        with self.reads.connect() as conn:
+            if not rows or not self._first_to_take(ids[0], lease_until, now):
+                return None
+            width = len(_TAKEN_COLUMNS)
+            taken = [(Taken(*row[:width]), Source(*row[width:])) for row in rows]
             jobs, finished = self._jobs(conn, taken, now)
             batch = Batch(jobs, lease_until)
             held = self._pace(conn, batch, now)
-        write = prepare_update(self.engine.dialect, Delivery, _STATE_COLUMNS, finished + held, where=("id",))
+        # Only rows still under this claim's lease (and still sending) end or wait here.
+        changed = [(*row, lease_until) for row in finished + held]
+        write = prepare_update(
+            self.engine.dialect, Delivery, _STATE_COLUMNS, changed, where=("id", "lease_until"),
+            where_sql=f"state = '{DeliveryState.sending}'",
+        )  # fmt: skip
         if write is not None:
             try:
                 with self.engine.begin() as conn:
@@ -257,22 +284,21 @@ class Runtime:
                 raise
         return batch
 
-    def _jobs(self, conn: Connection, taken: list[Taken], now: datetime) -> tuple[list[Job], list[tuple[Any, ...]]]:
+    def _first_to_take(self, first_id: str, lease_until: datetime, now: datetime) -> bool:
+        """Mark the claimed batch starting with ``first_id`` as taken, for as long as its lease
+        lasts; False if a worker already took it (the broker delivered its message twice)."""
+        ttl_ms = max(1, int((lease_until - now).total_seconds() * 1000))
+        token = keys.taken(self.prefix, first_id, lease_until.isoformat())
+        if self.redis.set(token, 1, nx=True, px=ttl_ms):
+            return True
+        logger.warning("a batch was delivered twice by the broker; the second copy is not sent")
+        return False
+
+    def _jobs(
+        self, conn: Connection, taken: list[tuple[Taken, Source]], now: datetime
+    ) -> tuple[list[Job], list[tuple[Any, ...]]]:
         """The job of each taken delivery, and the rows that end here (expired, unsendable)."""
-        # The data as stored JSON text: webhook payloads splice it in rather than decode it.
-        events = {
-            row.id: row
-            for row in conn.execute(
-                select(
-                    _EVENTS.c.id,
-                    _EVENTS.c.type,
-                    _EVENTS.c.subject,
-                    _EVENTS.c.created_at,
-                    cast(_EVENTS.c.data, Text).label("data_json"),
-                ).where(_EVENTS.c.id.in_({t.event_id for t in taken}))
-            )
-        }
-        endpoint_ids = list({t.endpoint_id for t in taken if t.endpoint_id})
+        endpoint_ids = list({t.endpoint_id for t, _ in taken if t.endpoint_id})
         endpoints = (
             {
                 row.id: row
@@ -292,18 +318,18 @@ class Runtime:
             )
             for row in conn.execute(
                 select(_TENANTS.c.id, _TENANTS.c.retry_max_attempts, _TENANTS.c.retry_window_s).where(
-                    _TENANTS.c.id.in_({t.tenant_id for t in taken})
+                    _TENANTS.c.id.in_({t.tenant_id for t, _ in taken})
                 )
             )
         }
         jobs: list[Job] = []
         finished: list[tuple[Any, ...]] = []
-        for delivery in taken:
+        for delivery, event in taken:
             if delivery.deliver_by is not None and delivery.deliver_by <= now:
                 finished.append(_finish(delivery, DeliveryState.expired, "deliver_by passed before sending", now))
                 continue
             endpoint = endpoints.get(delivery.endpoint_id or "")
-            message, problem = self._message(delivery, events[delivery.event_id], endpoint, secrets)
+            message, problem = self._message(delivery, event, endpoint, secrets)
             if message is None:
                 finished.append(_finish(delivery, DeliveryState.dead, problem, now))
                 continue
@@ -311,7 +337,7 @@ class Runtime:
         return jobs, finished
 
     def _message(
-        self, delivery: Taken, event: Any, endpoint: Any, secrets: dict[str, list[str]]
+        self, delivery: Taken, event: Source, endpoint: Any, secrets: dict[str, list[str]]
     ) -> tuple[Message | None, str]:
         """The message to send for ``delivery``, or None and why it cannot be sent."""
         content = delivery.content or {}
@@ -419,12 +445,16 @@ class Runtime:
         """Send every job concurrently; renew the lease (and slots) while a long batch runs."""
         gates = batch.gates or {}
         sends = asyncio.gather(*(self._send(job, gates.get(job.delivery.endpoint_id or "")) for job in batch.jobs))
-        renew_every_s = self.settings.dispatch.lease_s / 3
+        lease_s = self.settings.dispatch.lease_s
+        # Renewed whenever less than two thirds of a lease is left: the claim's lease started
+        # when the dispatcher published, and the message may have waited in the broker.
+        wait_s = max(0.0, (batch.lease_until - utcnow()).total_seconds() - lease_s * 2 / 3)
         while True:
-            done, _ = await asyncio.wait({sends}, timeout=renew_every_s)
+            done, _ = await asyncio.wait({sends}, timeout=wait_s)
             if done:
                 return list(sends.result())
             batch.lease_until = self._renew(batch)
+            wait_s = lease_s / 3
 
     def _renew(self, batch: Batch) -> datetime:
         """Extend the lease on the batch's rows that are still ours; returns the new lease."""
