@@ -14,7 +14,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -164,6 +164,68 @@ def test_the_in_flight_count_reads_only_rows_a_lease_is_out_on(sessions: session
         with engine.connect() as conn:
             plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters).all()  # type: ignore[arg-type]
         assert any("ix_deliveries_in_flight" in row[-1] for row in plan), plan
+
+
+PARTIAL = {  # index -> the column its rows must set
+    "ix_deliveries_due": "due_at",
+    "ix_deliveries_lease": "lease_until",
+    "ix_deliveries_in_flight": "lease_until",
+    "ix_deliveries_schedule_key": "schedule_key",
+    "ix_deliveries_recipient_id": "recipient_id",
+    "ix_deliveries_drop_id": "drop_id",
+}
+
+
+def test_the_dispatchers_indexes_hold_only_rows_in_hand_and_its_queries_use_them(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Claimed and finished rows leave the due index, finished rows the lease indexes, and rows
+    without a schedule key, recipient or drop are in none of theirs: each insert and state change
+    writes fewer index entries. The queries still find them (on SQLite the plans say so)."""
+    engine = sessions.kw["bind"]
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            found = "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name IN ('deliveries', 'events')"
+        else:
+            found = "SELECT indexname, indexdef FROM pg_indexes WHERE tablename IN ('deliveries', 'events')"
+        definitions = dict(conn.exec_driver_sql(found).all())
+    for name, column in PARTIAL.items():
+        assert definitions[name].replace("(", "").replace(")", "").endswith(f"WHERE {column} IS NOT NULL"), name
+    assert "ix_events_tenant_id" not in definitions  # ix_events_tenant_subject leads with tenant_id
+
+    ids = add_deliveries(sessions, 20)
+    statements: list[tuple[str, object]] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, parameters: object, *_: object) -> None:
+        statements.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        with transaction(sessions) as session:
+            assert queries.any_due(session=session, lane=LANE, now=utcnow())
+            claimed = queries.claim_due(session=session, lane=LANE, limit=50, lease_s=60, now=utcnow())
+            assert sorted(claimed) == sorted(ids)
+            assert not queries.any_due(session=session, lane=LANE, now=utcnow())
+            later = utcnow() + timedelta(seconds=61)
+            assert queries.any_lease_expired(session=session, now=later)
+            assert queries.reconcile(session=session, now=later) == len(ids)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    if engine.dialect.name != "sqlite":
+        return
+    expected = {"lease_until <": "ix_deliveries_lease", "due_at <=": "ix_deliveries_due"}
+    checked = 0
+    with engine.connect() as conn:
+        for statement, parameters in statements:
+            if not statement.lstrip().upper().startswith("SELECT"):
+                continue
+            wanted = next((index for marker, index in expected.items() if marker in statement), None)
+            if wanted is None:
+                continue
+            plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters).all()  # type: ignore[arg-type]
+            assert any(wanted in row[-1] for row in plan), (statement, plan)
+            checked += 1
+    assert checked >= 3
 
 
 # ------------------------------------------------------------------ claims on PostgreSQL
