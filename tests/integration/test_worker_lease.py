@@ -34,7 +34,6 @@ def running(settings: Settings) -> Iterator[Runtime]:
     try:
         yield worker
     finally:
-        worker.settle()
         for channel in (worker.webhook, worker.email, worker.sms):
             worker.loop.run_until_complete(channel.close())
         worker.loop.close()
@@ -224,36 +223,3 @@ def test_a_task_message_without_a_usable_lease_is_left_to_the_reconciler(
     assert "without a usable lease" in caplog.text
     assert receiver.calls == {}
     assert {(d.state, d.lease_until) for d in rows(sessions)} == {("sending", lease_until)}
-
-
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_the_next_batch_is_sent_while_the_last_ones_outcome_waits_for_the_write_lock(
-    client: TestClient, auth: dict[str, str], receiver: Receiver, sessions: sessionmaker[Session], settings: Settings
-) -> None:
-    """As Celery tasks run them (``wait=False``): a batch's outcome is recorded on the recording
-    thread, so while another writer holds SQLite's lock the worker still sends the next batch;
-    ``settle`` then waits for what is outstanding, and every row ends delivered exactly once."""
-    send_events(client, auth, receiver, 4)
-    first, first_lease = claim(sessions, settings.dispatch.lease_s)
-    assert client.post("/v1/events/batch", json={"events": [{"type": "t.x"}] * 3}, headers=auth).status_code == 202
-    second, second_lease = claim(sessions, settings.dispatch.lease_s)
-    with running(settings) as runtime:
-        holder = runtime.engine.connect()
-        held = holder.begin()  # another writer holds SQLite's write lock
-        try:
-            runtime.deliver(first, first_lease, wait=False)
-            assert sorted(receiver.calls) == sorted(first)  # sent; its outcome waits for the lock
-            worker = threading.Thread(target=runtime.deliver, args=(second, second_lease), kwargs={"wait": False})
-            worker.start()
-            wait_until(lambda: len(receiver.calls) == 7, what="the second batch's requests")
-            with runtime.reads.connect() as reading:  # a read: it does not queue for the lock
-                assert set(reading.scalars(select(Delivery.state))) == {"sending"}  # nothing recorded yet
-            assert worker.is_alive()  # it waits for the first batch's recording before queueing its own
-        finally:
-            held.commit()
-            holder.close()
-        worker.join(30)
-        assert not worker.is_alive()
-        runtime.settle()
-    assert [(d.state, d.attempts) for d in rows(sessions)] == [("delivered", 1)] * 7
-    assert set(receiver.calls.values()) == {1}

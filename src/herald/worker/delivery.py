@@ -33,7 +33,6 @@ import random
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -225,8 +224,6 @@ class Runtime:
         for channel in (self.webhook, self.email, self.sms):
             self.loop.run_until_complete(channel.start())
         self.rng = random.Random()
-        self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="herald-record")
-        self._recording: Future[None] | None = None
 
     def wake(self) -> None:
         """Tell the dispatcher new work is due (periodic jobs that created deliveries)."""
@@ -235,42 +232,18 @@ class Runtime:
         except redis.RedisError:
             logger.warning("could not wake the dispatcher; it will find the work on its next tick")
 
-    def deliver(self, ids: list[str], lease_until: datetime, *, wait: bool = True) -> None:
+    def deliver(self, ids: list[str], lease_until: datetime) -> None:
         """Send the deliveries ``ids`` of the claim whose lease runs until ``lease_until``, those
-        still ours to send; record what happened.
-
-        The outcome is recorded on the runtime's recording thread. With ``wait=False`` (Celery
-        tasks) this returns once the batch is sent, so the next batch is taken and sent while
-        this one's outcome waits for SQLite's write lock; at most one batch's recording is
-        outstanding (the next ``deliver`` waits for it before queueing its own), and ``settle``
-        waits for it. A process killed in between leaves that batch's rows under their lease:
-        the reconciler hands them out again, a repeat send and never a lost one.
-        """
+        still ours to send; record what happened."""
         batch = self._take(ids, lease_until)
         if batch is None:
             return
         try:
             results = self.loop.run_until_complete(self._send_all(batch))
+            self._record(results, batch.lease_until)
         finally:
             if batch.slots is not None:
                 batch.slots.release()
-        self.settle()
-        self._recording = self._recorder.submit(self._record_logged, results, batch.lease_until)
-        if wait:
-            self.settle()
-
-    def settle(self) -> None:
-        """Wait until the last sent batch's outcome is recorded (or its recording failed, logged)."""
-        pending, self._recording = self._recording, None
-        if pending is not None:
-            pending.result()
-
-    def _record_logged(self, results: list[Result], lease_until: datetime) -> None:
-        try:
-            self._record(results, lease_until)
-        except Exception:
-            # The rows keep their lease; when it runs out the reconciler hands them out again.
-            logger.exception("could not record the outcome of a batch of %d; it is sent again later", len(results))
 
     # ------------------------------------------------------------------ take
 
@@ -650,12 +623,6 @@ def _disable_endpoints(conn: Connection, ids: list[str], now: datetime) -> None:
 
 
 _runtime: tuple[int, Runtime] | None = None
-
-
-def settle_runtime() -> None:
-    """Record what this process's runtime sent and has not recorded yet (a pool process exiting)."""
-    if _runtime is not None and _runtime[0] == os.getpid():
-        _runtime[1].settle()
 
 
 def runtime_for(settings: Settings, *, background: bool = False) -> Runtime:

@@ -8,12 +8,11 @@ from datetime import datetime
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_shutdown
 
 from herald.config import Settings
 from herald.scheduler import jobs
 from herald.worker.celery_app import DELIVER_BATCH, PERIODIC
-from herald.worker.delivery import runtime_for, settle_runtime
+from herald.worker.delivery import runtime_for
 
 logger = logging.getLogger(__name__)
 
@@ -36,19 +35,10 @@ def register(app: Celery, settings: Settings) -> None:
             # hands them out again in a message this worker can use. Late, never lost.
             logger.warning("deliver_batch: message without a usable lease; its rows go back to due when it runs out")
             return
-        runtime = runtime_for(settings, background=app.conf.get("herald_background", False))
-        runtime.deliver(ids, lease_until, wait=False)
-
-    # A pool process that exits (warm shutdown, max tasks per child) first records the batch it
-    # sent last; the signal is process-wide, connected once however many apps register.
-    worker_process_shutdown.connect(_settle, weak=False, dispatch_uid="herald.settle_runtime")
+        runtime_for(settings, background=app.conf.get("herald_background", False)).deliver(ids, lease_until)
 
     @app.task(name=PERIODIC, ignore_result=True, shared=False)
     def periodic(name: str) -> None:
         runtime = runtime_for(settings)
         if jobs.run(settings, runtime.sessions, name):
             runtime.wake()
-
-
-def _settle(**_: Any) -> None:
-    settle_runtime()
