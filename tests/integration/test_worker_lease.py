@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from herald.config import Settings
@@ -223,3 +223,29 @@ def test_a_task_message_without_a_usable_lease_is_left_to_the_reconciler(
     assert "without a usable lease" in caplog.text
     assert receiver.calls == {}
     assert {(d.state, d.lease_until) for d in rows(sessions)} == {("sending", lease_until)}
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_worker_reads_its_batch_by_primary_key_not_through_the_claims_lease(
+    client: TestClient, auth: dict[str, str], receiver: Receiver, sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    """A claim's rows (up to ``max_claim``) share one lease; a batch is a slice of them. Read
+    through ``ix_deliveries_lease`` the take would walk the whole claim for each batch."""
+    send_events(client, auth, receiver, 6)
+    ids, lease_until = claim(sessions, settings.dispatch.lease_s)
+    statements: list[tuple[str, object]] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, parameters: object, *_: object) -> None:
+        statements.append((statement, parameters))
+
+    with running(settings) as runtime:
+        event.listen(runtime.engine, "before_cursor_execute", seen)
+        try:
+            runtime.deliver(ids[:3], lease_until)  # the first batch of the claim
+        finally:
+            event.remove(runtime.engine, "before_cursor_execute", seen)
+        [(statement, parameters)] = [(s, p) for s, p in statements if "JOIN events" in s]
+        with runtime.engine.connect() as conn:
+            plan = " ".join(row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters))  # type: ignore[arg-type]
+    assert "sqlite_autoindex_deliveries_1 (id=?)" in plan and "ix_deliveries_lease" not in plan, plan
+    assert sorted(receiver.calls) == sorted(ids[:3])

@@ -252,19 +252,22 @@ class Runtime:
         if lease_until <= now:  # the message waited out its lease: the reconciler hands the rows out again
             return None
         with self.reads.connect() as conn:
-            rows = conn.execute(
-                select(*_TAKEN_COLUMNS, *_SOURCE_COLUMNS)
-                .join_from(_DELIVERIES, _EVENTS, _EVENTS.c.id == _DELIVERIES.c.event_id)
-                .where(
-                    _DELIVERIES.c.id.in_(ids),
-                    _DELIVERIES.c.state == DeliveryState.sending,
-                    _DELIVERIES.c.lease_until == lease_until,
+            # The lease is compared here, not in SQL: a claim's rows (up to max_claim) share one
+            # lease, and SQLite's planner would walk them all through ix_deliveries_lease rather
+            # than look up this batch's ids by primary key.
+            rows = [
+                row
+                for row in conn.execute(
+                    select(*_TAKEN_COLUMNS, *_SOURCE_COLUMNS, _DELIVERIES.c.lease_until)
+                    .join_from(_DELIVERIES, _EVENTS, _EVENTS.c.id == _DELIVERIES.c.event_id)
+                    .where(_DELIVERIES.c.id.in_(ids), _DELIVERIES.c.state == DeliveryState.sending)
                 )
-            ).all()
+                if row[-1] == lease_until
+            ]
             if not rows or not self._first_to_take(ids[0], lease_until, now):
                 return None
-            width = len(_TAKEN_COLUMNS)
-            taken = [(Taken(*row[:width]), Source(*row[width:])) for row in rows]
+            width, end = len(_TAKEN_COLUMNS), len(_TAKEN_COLUMNS) + len(_SOURCE_COLUMNS)
+            taken = [(Taken(*row[:width]), Source(*row[width:end])) for row in rows]
             jobs, finished = self._jobs(conn, taken, now)
             batch = Batch(jobs, lease_until)
             held = self._pace(conn, batch, now)
