@@ -574,3 +574,26 @@ def test_chunks_shrink_and_pause_while_urgent_lanes_are_busy(place: Place) -> No
             assert session.scalar(select(func.count()).select_from(Delivery)) == 400  # nothing lost either way
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_progress_reports_are_counted_without_the_write_lock(place: Place) -> None:
+    """Counting a drop's deliveries reads all of them: done under SQLite's write lock, it would
+    stall every worker's records and every claim for as long. While another writer holds the
+    lock, the report of a draining drop is still rewritten."""
+    outcome = place.ingester().process(drop_file(place.folder, "users.txt", ["u1", "u2"]))
+    assert outcome.moved_to is not None
+    report = outcome.moved_to.with_name(outcome.moved_to.name + ".report.json")
+    report.unlink()
+    refreshed = threading.Event()
+    holder = place.sessions.kw["bind"].connect()
+    held = holder.begin()  # another writer holds the lock
+    try:
+        worker = threading.Thread(target=lambda: (place.ingester().refresh_reports(), refreshed.set()))
+        worker.start()
+        assert refreshed.wait(10), "the report waited for the write lock"
+    finally:
+        held.rollback()
+        holder.close()
+    worker.join(30)
+    assert place.report(outcome.moved_to)["pending"] == 2

@@ -66,7 +66,7 @@ from herald.ingest.report import (
 from herald.ingest.seen import SeenIds
 from herald.store import queries
 from herald.store.bulk import prepare_insert, run_writes
-from herald.store.db import transaction
+from herald.store.db import make_sessionmaker, reader, transaction
 from herald.store.ids import new_id, new_ids
 from herald.store.models import Channel, Delivery, DeliveryState, Drop, Event, Template, utcnow
 
@@ -288,6 +288,8 @@ class Ingester:
         self.settings = settings
         self.config = settings.ingest
         self.sessions = sessions
+        # Reads (progress counts) that must not queue for SQLite's write lock nor hold it.
+        self.reads = make_sessionmaker(reader(sessions.kw["bind"]))
         self.directory = (directory or drops_dir(settings)).resolve()
         self.wake = wake
         self.stop = stop or threading.Event()
@@ -335,7 +337,7 @@ class Ingester:
 
     def _stalled(self, name: str, digest: str) -> Drop | None:
         """An unfinished drop of this file under another target (its campaign.json was edited)."""
-        with self.sessions() as session:
+        with self.reads() as session:
             return session.scalar(
                 select(Drop).where(Drop.path == name, Drop.state == DropState.ingesting, Drop.content_hash != digest)
             )
@@ -348,7 +350,7 @@ class Ingester:
         """
         first = replace(target, tenant_id=stalled.tenant_id, endpoint_id=stalled.endpoint_id or "",
                         event_type=stalled.event_type)  # fmt: skip
-        with self.sessions() as session:
+        with self.reads() as session:
             named = session.scalars(
                 select(Template.locale).where(
                     Template.tenant_id == first.tenant_id,
@@ -363,7 +365,7 @@ class Ingester:
         match = next((c for c, key in zip(candidates, keys, strict=True) if key == stalled.content_hash), None)
         if match is None:
             return None
-        with self.sessions() as session:
+        with self.reads() as session:
             template = _webhook_template(
                 session,
                 tenant_id=match.tenant_id,
@@ -420,7 +422,7 @@ class Ingester:
         else:
             config = _load_campaign(self.directory / campaign / CAMPAIGN_FILE, campaign)
         where = f"{campaign}/{CAMPAIGN_FILE}" if campaign else "HERALD_INGEST__"
-        with self.sessions() as session:
+        with self.reads() as session:
             try:
                 tenant = queries.get_tenant(session=session, ref=config.tenant)
                 endpoint = queries.get_endpoint(session=session, tenant_id=tenant.id, endpoint_id=config.endpoint_id)
@@ -590,7 +592,7 @@ class Ingester:
         os.replace(path, destination)
 
     def _finish(self, path: Path, drop_id: str) -> Outcome:
-        with self.sessions() as session:
+        with self.reads() as session:
             drop = get_drop(session=session, tenant_id=None, drop_id=drop_id)
             counts = progress(session=session, drop_ids=[drop_id])[drop_id]
         destination = self.directory / drop.path
@@ -630,7 +632,9 @@ class Ingester:
         Counting a drop's deliveries reads all of them, so it is not done on every pass.
         """
         now = time.monotonic()
-        with self.sessions() as session:
+        # A read: counting a large drop's deliveries takes a while, and holding the write lock
+        # meanwhile would stall every worker's records and every claim.
+        with self.reads() as session:
             drops = [
                 d
                 for d in session.scalars(select(Drop).where(Drop.state == DropState.delivering))
