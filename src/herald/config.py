@@ -188,6 +188,10 @@ class WorkerSettings(BaseModel):
     # CPU priority offset (nice) of workers that serve only the bulk lane and of the drop
     # ingester, so that on a shared machine the urgent lanes and the API go first.
     bulk_nice: int = Field(default=10, ge=0, le=19)
+    # Celery task events (task-received, -started, -succeeded) for monitors such as Flower. Off:
+    # each costs the worker's main process a Redis publish per task, about a third of its CPU
+    # while a drop drains, and Herald's own /metrics and delivery records do not need them.
+    task_events: bool = False
 
 
 class IngestSettings(BaseModel):

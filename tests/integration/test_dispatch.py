@@ -367,6 +367,7 @@ def test_make_celery_is_at_least_once_json_only_with_a_visibility_timeout_above_
     try:
         conf = app.conf
         assert (conf.task_acks_late, conf.task_reject_on_worker_lost) == (True, True)
+        assert conf.worker_send_task_events is False  # HERALD_WORKER__TASK_EVENTS turns them on
         assert (conf.task_serializer, conf.result_serializer, list(conf.accept_content)) == ("json", "json", ["json"])
         assert conf.worker_prefetch_multiplier == 1
         task = app.tasks[DELIVER_BATCH]
@@ -381,3 +382,12 @@ def test_make_celery_is_at_least_once_json_only_with_a_visibility_timeout_above_
             assert connection.default_channel.visibility_timeout == visibility_timeout
     finally:
         app.close()
+
+
+def test_celery_task_events_are_sent_only_when_asked_for(tmp_path: Path, redis_url: str) -> None:
+    for wanted in (False, True):
+        app = make_celery(Settings(data_dir=tmp_path, redis={"url": redis_url}, worker={"task_events": wanted}))
+        try:
+            assert app.conf.worker_send_task_events is wanted
+        finally:
+            app.close()

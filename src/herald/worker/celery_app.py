@@ -38,7 +38,7 @@ def make_celery(settings: Settings) -> Celery:
         "worker_prefetch_multiplier": 1,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
-        "worker_send_task_events": True,
+        "worker_send_task_events": settings.worker.task_events,
         "task_send_sent_event": False,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {"visibility_timeout": visibility_timeout},
