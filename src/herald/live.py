@@ -74,9 +74,13 @@ def listened(client: redis.Redis, channels: Iterable[str]) -> set[str]:
     names = list(dict.fromkeys(channels))
     if not names:
         return set()
-    return {
-        (name.decode() if isinstance(name, bytes) else name) for name, count in client.pubsub_numsub(*names) if count
-    }
+    return subscribed(client.pubsub_numsub(*names))
+
+
+def subscribed(numsub: Iterable[tuple[bytes | str, int]]) -> set[str]:
+    """The channels with a subscriber in a ``PUBSUB NUMSUB`` answer (a worker pipelines the
+    question with its other commands)."""
+    return {(name.decode() if isinstance(name, bytes) else name) for name, count in numsub if count}
 
 
 def publish(client: redis.Redis, prefix: str, notes: list[tuple[str, dict[str, Any]]]) -> None:

@@ -31,6 +31,15 @@ _BUCKET_FIELDS = tuple(f"le:{bound}" for bound in LATENCY_BUCKETS_S)
 def record_latencies(client: redis.Redis, *, prefix: str, observations: Iterable[tuple[str, str, float]]) -> None:
     """Add (lane, channel, seconds) observations to the shared histogram, in one round trip
     (counted here first, so a batch of a thousand costs a few commands, not thousands)."""
+    pipe = client.pipeline(transaction=False)
+    queue_latencies(pipe, prefix=prefix, observations=observations)
+    pipe.execute()
+
+
+def queue_latencies(
+    pipe: redis.client.Pipeline, *, prefix: str, observations: Iterable[tuple[str, str, float]]
+) -> None:
+    """``record_latencies``'s commands, queued on ``pipe`` (a worker sends them with its others)."""
     # Per (lane, channel): how many fell first under each bound (the last slot: above them all).
     counts: dict[tuple[str, str], list[int]] = {}
     sums: dict[tuple[str, str], float] = defaultdict(float)
@@ -40,7 +49,6 @@ def record_latencies(client: redis.Redis, *, prefix: str, observations: Iterable
             slots = counts[(lane, channel)] = [0] * (len(LATENCY_BUCKETS_S) + 1)
         slots[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
         sums[(lane, channel)] += seconds
-    pipe = client.pipeline(transaction=False)
     for (lane, channel), slots in counts.items():
         key = keys.latency(prefix, lane, channel)
         below = 0
@@ -50,7 +58,6 @@ def record_latencies(client: redis.Redis, *, prefix: str, observations: Iterable
                 pipe.hincrby(key, field, below)
         pipe.hincrby(key, "count", sum(slots))
         pipe.hincrbyfloat(key, "sum", sums[(lane, channel)])
-    pipe.execute()
 
 
 class HeraldCollector(Collector):

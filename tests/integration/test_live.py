@@ -70,6 +70,15 @@ def test_a_batch_is_published_only_to_tenants_a_stream_listens_to(client: redis.
              "channel": "webhook", "state": "retrying"},
         ]  # fmt: skip
         assert json.loads(listener.get_message(timeout=1.0)["data"]) == items  # type: ignore[index]
+
+        # A worker asks who listens along with its other commands at take time, and queues the
+        # messages on the pipeline that records the batch: sent when that pipeline runs.
+        pipe = client.pipeline(transaction=False)
+        publish_states(client, prefix=prefix, changes=changes, listening={"t_b"}, pipe=pipe)
+        assert published(watcher, wait_s=0.2) == []
+        pipe.execute()
+        [(channel, items)] = published(watcher)
+        assert channel == keys.timeline(prefix, "t_b") and [i["delivery_id"] for i in items] == ["dlv_t_b_2"]
     finally:
         watcher.close()
         listener.close()

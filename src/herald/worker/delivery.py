@@ -32,8 +32,8 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any, Protocol
@@ -49,7 +49,7 @@ from herald.channels.webhook import WebhookChannel
 from herald.config import Settings
 from herald.errors import ChannelError, PermanentChannelError, TransientChannelError
 from herald.logs import redact
-from herald.metrics import record_latencies
+from herald.metrics import queue_latencies
 from herald.store import queries
 from herald.store.bulk import prepare_insert, prepare_update, run_writes
 from herald.store.db import make_engine, make_sessionmaker, reader
@@ -202,6 +202,7 @@ class Batch:
     lease_until: datetime
     slots: Slots | None = None
     gates: dict[str, asyncio.Semaphore] | None = None
+    listening: set[str] = field(default_factory=set)  # tenants whose live timeline a stream follows
 
 
 class Runtime:
@@ -240,7 +241,7 @@ class Runtime:
             return
         try:
             results = self.loop.run_until_complete(self._send_all(batch))
-            self._record(results, batch.lease_until)
+            self._record(results, batch.lease_until, batch.listening)
         finally:
             if batch.slots is not None:
                 batch.slots.release()
@@ -264,13 +265,17 @@ class Runtime:
                 )
                 if row[-1] == lease_until
             ]
-            if not rows or not self._first_to_take(ids[0], lease_until, now):
+            if not rows:
                 return None
             width, end = len(_TAKEN_COLUMNS), len(_TAKEN_COLUMNS) + len(_SOURCE_COLUMNS)
             taken = [(Taken(*row[:width]), Source(*row[width:end])) for row in rows]
+            first, paused, listening = self._ask(ids[0], lease_until, now, [t for t, _ in taken])
+            if not first:
+                logger.warning("a batch was delivered twice by the broker; the second copy is not sent")
+                return None
             jobs, finished = self._jobs(conn, taken, now)
-            batch = Batch(jobs, lease_until)
-            held = self._pace(conn, batch, now)
+            batch = Batch(jobs, lease_until, listening=listening)
+            held = self._pace(conn, batch, now, paused)
         # Only rows still under this claim's lease (and still sending) end or wait here.
         changed = [(*row, lease_until) for row in finished + held]
         write = prepare_update(
@@ -287,15 +292,26 @@ class Runtime:
                 raise
         return batch
 
-    def _first_to_take(self, first_id: str, lease_until: datetime, now: datetime) -> bool:
-        """Mark the claimed batch starting with ``first_id`` as taken, for as long as its lease
-        lasts; False if a worker already took it (the broker delivered its message twice)."""
+    def _ask(
+        self, first_id: str, lease_until: datetime, now: datetime, taken: list[Taken]
+    ) -> tuple[bool, dict[str, float], set[str]]:
+        """What a batch needs of Redis before it is sent, in one round trip: mark the claimed batch
+        starting with ``first_id`` taken for as long as its lease lasts (False if a worker already
+        took it: the broker delivered its message twice), the endpoints paused after a 429/503,
+        and the tenants whose live timeline a stream listens to (``live.listened``)."""
         ttl_ms = max(1, int((lease_until - now).total_seconds() * 1000))
-        token = keys.taken(self.prefix, first_id, lease_until.isoformat())
-        if self.redis.set(token, 1, nx=True, px=ttl_ms):
-            return True
-        logger.warning("a batch was delivered twice by the broker; the second copy is not sent")
-        return False
+        endpoint_ids = sorted({t.endpoint_id for t in taken if t.endpoint_id})
+        channels = {keys.timeline(self.prefix, t.tenant_id): t.tenant_id for t in taken if t.subject}
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(keys.taken(self.prefix, first_id, lease_until.isoformat()), 1, nx=True, px=ttl_ms)
+        if endpoint_ids:
+            pipe.mget(self.pacing.pause_keys(endpoint_ids))
+        if channels:
+            pipe.pubsub_numsub(*channels)
+        first, *answers = pipe.execute()
+        paused = self.pacing.pauses(endpoint_ids, answers.pop(0)) if endpoint_ids else {}
+        listening = {channels[c] for c in live.subscribed(answers.pop(0))} if channels else set()
+        return bool(first), paused, listening
 
     def _jobs(
         self, conn: Connection, taken: list[tuple[Taken, Source]], now: datetime
@@ -386,7 +402,7 @@ class Runtime:
             return None
         return raw.decode() if isinstance(raw, bytes) else str(raw)
 
-    def _pace(self, conn: Connection, batch: Batch, now: datetime) -> list[tuple[Any, ...]]:
+    def _pace(self, conn: Connection, batch: Batch, now: datetime, paused: dict[str, float]) -> list[tuple[Any, ...]]:
         """Hold back what endpoints cannot take now; returns the held rows' new state.
 
         Held deliveries go back to due ``HOLD_S`` later (or when a pause ends) and keep their
@@ -401,7 +417,6 @@ class Runtime:
                 (_ENDPOINTS.c.max_rate_per_s.is_not(None)) | (_ENDPOINTS.c.max_concurrency.is_not(None)),
             )
         ).all()
-        paused = self.pacing.paused_until(endpoint_ids)
         if not limits and not paused:
             return []
         rates = {row.id: row.max_rate_per_s for row in limits if row.max_rate_per_s}
@@ -509,7 +524,7 @@ class Runtime:
 
     # ------------------------------------------------------------------ record
 
-    def _record(self, results: list[Result], lease_until: datetime) -> None:
+    def _record(self, results: list[Result], lease_until: datetime, listening: set[str]) -> None:
         now = utcnow()
         attempts: list[tuple[Any, ...]] = []
         updates: list[tuple[Any, ...]] = []
@@ -562,42 +577,49 @@ class Runtime:
             if disable:
                 _disable_endpoints(conn, sorted(disable), now)
         self.pacing.pause(pauses)
-        self._publish(changes)
-        try:
-            record_latencies(
-                self.redis,
+        try:  # one round trip: the latency histogram and the live timelines' messages
+            pipe = self.redis.pipeline(transaction=False)
+            queue_latencies(
+                pipe,
                 prefix=self.prefix,
                 observations=[(r.job.delivery.lane, r.job.delivery.channel, r.latency_ms / 1000) for r in results],
             )
+            publish_states(self.redis, prefix=self.prefix, changes=changes, listening=listening, pipe=pipe)
+            pipe.execute()
         except redis.RedisError:
-            logger.warning("could not record attempt latencies")
-
-    def _publish(self, changes: Sequence[tuple[Taken, str]]) -> None:
-        try:
-            publish_states(self.redis, prefix=self.prefix, changes=changes)
-        except redis.RedisError:
-            logger.warning("could not publish state changes to live timelines")
+            logger.warning("could not record attempt latencies nor publish state changes to live timelines")
 
 
-def publish_states(client: redis.Redis, *, prefix: str, changes: Sequence[tuple[Taken, str]]) -> None:
+def publish_states(
+    client: redis.Redis,
+    *,
+    prefix: str,
+    changes: Sequence[tuple[Taken, str]],
+    listening: Collection[str] | None = None,
+    pipe: redis.client.Pipeline | None = None,
+) -> None:
     """Tell live timelines (SSE streams in any API process) that deliveries changed state: one
     message per tenant holding the list of its changes, whatever the batch size, for the tenants
-    a stream is listening to (``live.listened``)."""
+    a stream is listening to (``listening``; asked of Redis when not given, ``live.listened``).
+    With ``pipe`` the messages are queued there and sent when the caller executes it."""
     by_tenant: dict[str, list[tuple[Taken, str]]] = {}
     for delivery, state in changes:
         if delivery.subject:
             by_tenant.setdefault(delivery.tenant_id, []).append((delivery, state))
     if not by_tenant:
         return
-    channels = {keys.timeline(prefix, tenant_id): tenant_id for tenant_id in by_tenant}
-    listening = live.listened(client, channels)
-    if not listening:
+    if listening is None:
+        channels = {keys.timeline(prefix, tenant_id): tenant_id for tenant_id in by_tenant}
+        listening = {channels[c] for c in live.listened(client, channels)}
+    tenants = [t for t in by_tenant if t in listening]
+    if not tenants:
         return
-    pipe = client.pipeline(transaction=False)
-    for channel in listening:
-        items = [live.delivery_message(d, state) for d, state in by_tenant[channels[channel]]]
-        pipe.publish(channel, json.dumps(items))
-    pipe.execute()
+    out = pipe if pipe is not None else client.pipeline(transaction=False)
+    for tenant_id in tenants:
+        items = [live.delivery_message(d, state) for d, state in by_tenant[tenant_id]]
+        out.publish(keys.timeline(prefix, tenant_id), json.dumps(items))
+    if pipe is None:
+        out.execute()
 
 
 @lru_cache(maxsize=1024)

@@ -20,7 +20,8 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import redis
 
@@ -57,12 +58,21 @@ class Pacing:
         if not ids:
             return {}
         try:
-            raw = self.redis.mget([keys.pause(self.prefix, e) for e in ids])
+            raw = self.redis.mget(self.pause_keys(ids))
         except redis.RedisError:
             logger.warning("pacing: Redis unreachable, endpoint pauses not checked")
             return {}
+        return self.pauses(ids, raw)
+
+    def pause_keys(self, endpoint_ids: Sequence[str]) -> list[str]:
+        """The keys to ``MGET`` for ``pauses`` (a worker reads them with its other commands)."""
+        return [keys.pause(self.prefix, e) for e in endpoint_ids]
+
+    @staticmethod
+    def pauses(endpoint_ids: Sequence[str], raw: Sequence[Any]) -> dict[str, float]:
+        """``paused_until`` from the values of ``pause_keys(endpoint_ids)``."""
         now = time.time()
-        until = {e: float(v) for e, v in zip(ids, raw, strict=True) if v is not None}
+        until = {e: float(v) for e, v in zip(endpoint_ids, raw, strict=True) if v is not None}
         return {e: t for e, t in until.items() if t > now}
 
     def pause(self, waits_s: Mapping[str, float]) -> None:
