@@ -626,13 +626,17 @@ def print_table(results: list[dict[str, Any]], table: dict[str, dict[str, Any]])
 COLORS = {"raw": "#7f7f7f", "herald": "#1f77b4", "drop": "#2ca02c", "celery": "#d62728", "sequential": "#9467bd"}
 
 
-def plot(results: list[dict[str, Any]], table: dict[str, dict[str, Any]], info: dict[str, Any], path: Path) -> None:
-    """Left: delivered webhooks per second, the ratios in a box. Right: CPU per delivery."""
+def plot(runs: list[dict[str, Any]], table: dict[str, dict[str, Any]], info: dict[str, Any], path: Path) -> None:
+    """Left: delivered webhooks per second, the ratios in a box. Right: CPU per delivery.
+
+    One bar per variant, its median run (what the ratios compare); with several rounds, every
+    run is a dot on its variant's bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = list(representatives(runs).values())
     fig, (ax, ax_cpu) = plt.subplots(
         1, 2, figsize=(max(11, 2.2 * len(results)), 6), gridspec_kw={"width_ratios": [3, 2]}
     )
@@ -645,6 +649,10 @@ def plot(results: list[dict[str, Any]], table: dict[str, dict[str, Any]], info: 
     rates = [r["rate_per_s"] for r in results]
     bars = ax.bar(range(len(results)), rates, color=bar_colors)
     ax.bar_label(bars, labels=[f"{rate:,.0f}/s" for rate in rates], fontsize=8, padding=2)
+    if len(runs) > len(results):
+        for i, r in enumerate(results):
+            each = [run["rate_per_s"] for run in runs if run["variant"] == r["variant"]]
+            ax.scatter([i] * len(each), each, color="black", s=10, zorder=3)
     notes = []
     for variant, entry in table.items():
         parts = [variant + ":"]
@@ -661,10 +669,15 @@ def plot(results: list[dict[str, Any]], table: dict[str, dict[str, Any]], info: 
     )  # fmt: skip
     ax.set_xticks(range(len(results)), labels, fontsize=7)
     ax.set_ylabel("delivered webhooks per second")
-    ax.set_ylim(0, max(rates) * 1.6)
+    ax.set_ylim(0, max(run["rate_per_s"] for run in runs) * 1.6)
     ax.set_title(
         f"{info['cpus_usable']} CPUs, {info['payload_bytes']} B payload, receiver delay "
-        f"{info['receiver_delay_ms']:g} ms — {info['date']}",
+        f"{info['receiver_delay_ms']:g} ms — {info['date']}"
+        + (
+            f"\nbars: each variant's median of {len(runs) // len(results)} interleaved rounds; dots: every run"
+            if len(runs) > len(results)
+            else ""
+        ),
         fontsize=9,
     )
     costed = [r for r in results if r.get("cpu_us_per_delivery_all_in")]
