@@ -249,3 +249,23 @@ def test_a_worker_reads_its_batch_by_primary_key_not_through_the_claims_lease(
             plan = " ".join(row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters))  # type: ignore[arg-type]
     assert "sqlite_autoindex_deliveries_1 (id=?)" in plan and "ix_deliveries_lease" not in plan, plan
     assert sorted(receiver.calls) == sorted(ids[:3])
+
+
+def test_a_worker_still_sends_its_batch_while_redis_is_unreachable(
+    client: TestClient,
+    auth: dict[str, str],
+    receiver: Receiver,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Sending beats stalling: the taken marker, pauses and live timelines are skipped, and every
+    row is sent and recorded once."""
+    send_events(client, auth, receiver, 3)
+    ids, lease_until = claim(sessions, settings.dispatch.lease_s)
+    settings.redis.url = "redis://127.0.0.1:1/0"  # nothing listens there
+    with running(settings) as runtime:
+        runtime.deliver(ids, lease_until)
+    assert "Redis unreachable at take" in caplog.text
+    assert dict(receiver.calls) == dict.fromkeys(ids, 1)
+    assert [(d.state, d.attempts) for d in rows(sessions)] == [("delivered", 1)] * 3

@@ -308,7 +308,13 @@ class Runtime:
             pipe.mget(self.pacing.pause_keys(endpoint_ids))
         if channels:
             pipe.pubsub_numsub(*channels)
-        first, *answers = pipe.execute()
+        try:
+            first, *answers = pipe.execute()
+        except redis.RedisError:
+            # Sending beats stalling (as for pacing): without Redis the batch goes out unmarked,
+            # unpaced and unpublished; only a copy of its message could then send it twice.
+            logger.warning("Redis unreachable at take: sending without the taken marker, pauses or live timelines")
+            return True, {}, set()
         paused = self.pacing.pauses(endpoint_ids, answers.pop(0)) if endpoint_ids else {}
         listening = {channels[c] for c in live.subscribed(answers.pop(0))} if channels else set()
         return bool(first), paused, listening

@@ -20,7 +20,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis
@@ -52,25 +52,14 @@ class Pacing:
         self.prefix = prefix
         self._take_slots = client.register_script(_TAKE_SLOTS)
 
-    def paused_until(self, endpoint_ids: Iterable[str]) -> dict[str, float]:
-        """Endpoints paused now, with the epoch second their pause ends."""
-        ids = sorted(set(endpoint_ids))
-        if not ids:
-            return {}
-        try:
-            raw = self.redis.mget(self.pause_keys(ids))
-        except redis.RedisError:
-            logger.warning("pacing: Redis unreachable, endpoint pauses not checked")
-            return {}
-        return self.pauses(ids, raw)
-
     def pause_keys(self, endpoint_ids: Sequence[str]) -> list[str]:
-        """The keys to ``MGET`` for ``pauses`` (a worker reads them with its other commands)."""
+        """The keys to ``MGET`` for ``pauses`` (a worker reads them with its other commands at take)."""
         return [keys.pause(self.prefix, e) for e in endpoint_ids]
 
     @staticmethod
     def pauses(endpoint_ids: Sequence[str], raw: Sequence[Any]) -> dict[str, float]:
-        """``paused_until`` from the values of ``pause_keys(endpoint_ids)``."""
+        """The endpoints paused now, with the epoch second their pause ends, from the values of
+        ``pause_keys(endpoint_ids)``."""
         now = time.time()
         until = {e: float(v) for e, v in zip(endpoint_ids, raw, strict=True) if v is not None}
         return {e: t for e, t in until.items() if t > now}
