@@ -56,6 +56,31 @@ def claim(sessions: sessionmaker[Session], lease_s: float, now: datetime | None 
     return ids, queries.lease_expiry(now, lease_s)
 
 
+def deliver_while_reconciling(
+    settings: Settings, sessions: sessionmaker[Session], ids: list[str], lease_until: datetime, *, every_s: float
+) -> list[int]:
+    """Deliver the batch while the dispatcher's reconciler runs every ``every_s`` (more often than
+    it ever does); returns how many rows each of its passes took back."""
+    done = threading.Event()
+    returned: list[int] = []
+
+    def reconcile_meanwhile() -> None:
+        while not done.is_set():
+            with transaction(sessions) as session:
+                returned.append(queries.reconcile(session=session, now=utcnow()))
+            done.wait(every_s)
+
+    reconciler = threading.Thread(target=reconcile_meanwhile)
+    reconciler.start()
+    try:
+        with running(settings) as runtime:
+            runtime.deliver(ids, lease_until)
+    finally:
+        done.set()
+        reconciler.join()
+    return returned
+
+
 def rows(sessions: sessionmaker[Session]) -> list[Delivery]:
     with sessions() as session:
         return list(session.scalars(select(Delivery).order_by(Delivery.id)))
@@ -71,23 +96,7 @@ def test_a_batch_sending_longer_than_its_lease_keeps_it_and_is_recorded_once(
     send_events(client, auth, receiver, 6, max_concurrency=1)
     ids, lease_until = claim(sessions, settings.dispatch.lease_s)
     assert len(ids) == 6
-    done = threading.Event()
-    returned: list[int] = []
-
-    def reconcile_meanwhile() -> None:
-        while not done.is_set():  # the dispatcher's reconciler, more often than it ever runs
-            with transaction(sessions) as session:
-                returned.append(queries.reconcile(session=session, now=utcnow()))
-            done.wait(0.2)
-
-    reconciler = threading.Thread(target=reconcile_meanwhile)
-    reconciler.start()
-    try:
-        with running(settings) as runtime:
-            runtime.deliver(ids, lease_until)
-    finally:
-        done.set()
-        reconciler.join()
+    returned = deliver_while_reconciling(settings, sessions, ids, lease_until, every_s=0.2)
     assert len(returned) > 10 and sum(returned) == 0, "the reconciler took back rows of a batch still sending"
     assert [(d.state, d.attempts, d.lease_until) for d in rows(sessions)] == [("delivered", 1, None)] * 6
     assert sorted(receiver.calls.values()) == [1] * 6
@@ -179,23 +188,7 @@ def test_a_message_that_waited_through_most_of_its_lease_renews_it_before_sendin
     receiver.delay_s = 1.5
     send_events(client, auth, receiver, 2)
     ids, lease_until = claim(sessions, 0.4)  # as if the message had waited 2.6 s of a 3 s lease
-    done = threading.Event()
-    returned: list[int] = []
-
-    def reconcile_meanwhile() -> None:
-        while not done.is_set():
-            with transaction(sessions) as session:
-                returned.append(queries.reconcile(session=session, now=utcnow()))
-            done.wait(0.1)
-
-    reconciler = threading.Thread(target=reconcile_meanwhile)
-    reconciler.start()
-    try:
-        with running(settings) as runtime:
-            runtime.deliver(ids, lease_until)
-    finally:
-        done.set()
-        reconciler.join()
+    returned = deliver_while_reconciling(settings, sessions, ids, lease_until, every_s=0.1)
     assert len(returned) > 5 and sum(returned) == 0, "the reconciler took back rows being sent"
     assert [(d.state, d.attempts) for d in rows(sessions)] == [("delivered", 1)] * 2
     assert dict(receiver.calls) == dict.fromkeys(ids, 1)
