@@ -29,6 +29,20 @@ def settings() -> Settings:
         raise click.ClickException(f"bad setting: {explain(exc)}") from None
 
 
+def migrated(s: Settings) -> None:
+    """Stop with a hint, not a traceback, when the database is not migrated for this code."""
+    from herald.store.db import make_engine
+    from herald.store.migrate import unmigrated
+
+    engine = make_engine(s.database_url, pool_size=1)
+    try:
+        problem = unmigrated(engine)
+    finally:
+        engine.dispose()
+    if problem:
+        raise click.ClickException(f"{problem}: run `herald migrate` first (`herald up` migrates by itself)")
+
+
 def handles_errors(func: F) -> F:
     """Map ``HeraldError`` to a clean message and exit code 2 (1 for internal errors)."""
 
@@ -86,6 +100,7 @@ def api(host: str | None, port: int | None, workers: int) -> None:
     import uvicorn
 
     s = settings()
+    migrated(s)
     uvicorn.run(
         "herald.api.app:app_from_env",
         factory=True,
@@ -111,6 +126,7 @@ def worker(lanes: str, concurrency: int | None, name: str | None) -> None:
     if unknown or not chosen:
         raise click.BadParameter(f"unknown lane {unknown[0] if unknown else ''!r}; lanes are {', '.join(LANES)}")
     s = settings()
+    migrated(s)
     app = make_celery(s)
     # A worker of the bulk lane alone is background work: it yields the CPU (nice) and, on
     # SQLite, the write lock to everything else on this machine.
@@ -148,6 +164,7 @@ def scheduler() -> None:
     from herald.worker.celery_app import make_celery
 
     s = settings()
+    migrated(s)
     dispatcher = Dispatcher(
         settings=s,
         sessions=make_sessionmaker(make_engine(s.database_url)),
@@ -402,6 +419,7 @@ def watch(directory: str | None, once: bool) -> None:
     from herald.store.db import make_engine, make_sessionmaker
 
     s = settings()
+    migrated(s)
     _be_background(s)  # ingesting a drop is bulk work: the API and urgent lanes go first
     watcher = Watcher(
         settings=s,

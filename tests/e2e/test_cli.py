@@ -23,7 +23,7 @@ from herald.cli import tenants
 from herald.config import Settings, get_settings
 from herald.store import queries
 from herald.store.db import make_engine, make_sessionmaker, transaction
-from herald.store.migrate import alembic_config
+from herald.store.migrate import alembic_config, upgrade
 from herald.store.models import Base, Delivery, Tenant
 from tests.conftest import PG_ENV, PG_SKIP
 from tests.e2e.test_delivery import delivery, make_endpoint
@@ -224,3 +224,38 @@ def test_migrate_builds_a_fresh_database_and_running_it_again_is_harmless(fresh_
             assert MigrationContext.configure(conn).get_current_revision() == head
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("command", [["api"], ["worker"], ["scheduler"], ["watch", "--once"]])
+def test_a_long_running_command_on_an_unmigrated_database_says_to_migrate(
+    tmp_path: Path, redis_url: str, command: list[str]
+) -> None:
+    """Never migrated (here: its folder does not even exist), a process stops at once with a
+    hint instead of a traceback from its first query."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
+    env |= {"HERALD_DATA_DIR": str(tmp_path / "nowhere"), "HERALD_REDIS__URL": redis_url}
+    done = subprocess.run(
+        [sys.executable, "-m", "herald.cli", *command], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert "cannot open the database (unable to open database file): run `herald migrate` first" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_worker_on_a_database_behind_this_codes_migrations_names_both_revisions(
+    tmp_path: Path, redis_url: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    try:
+        upgrade(engine, "0004")
+        head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+    finally:
+        engine.dispose()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
+    env |= {"HERALD_DATA_DIR": str(tmp_path), "HERALD_DATABASE__URL": url, "HERALD_REDIS__URL": redis_url}
+    done = subprocess.run(
+        [sys.executable, "-m", "herald.cli", "worker"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"the database schema is at revision 0004; this Herald needs {head}: run `herald migrate`" in done.stderr

@@ -6,7 +6,12 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
+from herald.store.db import reader
 
 _SCRIPTS = Path(__file__).parent / "migrations"
 
@@ -27,3 +32,22 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7206410)")
         config.attributes["connection"] = conn
         command.upgrade(config, revision)
+
+
+def unmigrated(engine: Engine) -> str | None:
+    """Why the database at ``engine`` is not ready for this code (cannot be opened, has no
+    schema, or is behind its migrations), or None when it is at the latest revision. A read."""
+    head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+    try:
+        with reader(engine).connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+    except DBAPIError as exc:
+        # The driver's own first line ("unable to open database file", "connection refused"):
+        # never the URL, which may hold a password.
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+        return f"cannot open the database ({reason})"
+    if current is None:
+        return "the database has no schema yet"
+    if current != head:
+        return f"the database schema is at revision {current}; this Herald needs {head}"
+    return None
