@@ -62,24 +62,15 @@ def note_event(session: Session, *, tenant_id: str, subject: str | None, event_i
         session.info.setdefault(_NOTES, []).append((tenant_id, message))
 
 
-def listened(client: redis.Redis, channels: Iterable[str]) -> set[str]:
-    """Which of ``channels`` some stream is subscribed to right now (one round trip).
-
-    A worker asks before it builds a batch's messages: nobody watching is the usual case, and
-    hundreds of state changes a batch cost JSON and a large PUBLISH for no reader. A stream that
-    subscribes a moment after the answer misses that batch, as it would miss one published a
-    moment before it subscribed; ``GET .../timeline`` has the state either way. (Pattern
-    subscriptions are not counted: Herald's streams subscribe to their tenant's channel.)
-    """
-    names = list(dict.fromkeys(channels))
-    if not names:
-        return set()
-    return subscribed(client.pubsub_numsub(*names))
-
-
 def subscribed(numsub: Iterable[tuple[bytes | str, int]]) -> set[str]:
-    """The channels with a subscriber in a ``PUBSUB NUMSUB`` answer (a worker pipelines the
-    question with its other commands)."""
+    """The channels some stream is subscribed to, from a ``PUBSUB NUMSUB`` answer.
+
+    A worker asks at take, in the round trip it makes anyway, and publishes a batch's state
+    changes only to those. A stream that subscribes a moment after the answer misses that batch,
+    as it would miss one published a moment before it subscribed; ``GET .../timeline`` has the
+    state either way. (Pattern subscriptions are not counted: Herald's streams subscribe to
+    their tenant's channel.)
+    """
     return {(name.decode() if isinstance(name, bytes) else name) for name, count in numsub if count}
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from herald import keys
+from herald import keys, live
 from herald.worker.delivery import Taken, publish_states
 
 
@@ -45,6 +45,16 @@ def published(watcher: redis.client.PubSub, wait_s: float = 0.5) -> list[tuple[s
     return seen
 
 
+def publish(client: redis.Redis, prefix: str, changes: list[tuple[Taken, str]]) -> None:
+    """As a worker does: ask which tenants a stream follows (``PUBSUB NUMSUB``, at take), then
+    queue the batch's state changes for those on the pipeline that records it."""
+    channels = {keys.timeline(prefix, d.tenant_id): d.tenant_id for d, _ in changes}
+    listening = {channels[c] for c in live.subscribed(client.pubsub_numsub(*channels))}
+    pipe = client.pipeline(transaction=False)
+    publish_states(pipe, prefix=prefix, changes=changes, listening=listening)
+    pipe.execute()
+
+
 def test_a_batch_is_published_only_to_tenants_a_stream_listens_to(client: redis.Redis) -> None:
     # Pub/sub channels are not per database: a prefix of its own keeps parallel runs apart.
     prefix = f"herald-live-{uuid.uuid4().hex}"
@@ -55,12 +65,12 @@ def test_a_batch_is_published_only_to_tenants_a_stream_listens_to(client: redis.
         assert watcher.get_message(timeout=1.0) is not None  # psubscribe confirmed
         changes = [(taken("t_a", 1), "delivered"), (taken("t_b", 2), "dead"), (taken("t_a", 3), "retrying")]
 
-        publish_states(client, prefix=prefix, changes=changes)
+        publish(client, prefix, changes)
         assert published(watcher) == []  # nobody listens to either tenant: nothing built or sent
 
         listener.subscribe(keys.timeline(prefix, "t_a"))
         assert listener.get_message(timeout=1.0) is not None  # subscribe confirmed
-        publish_states(client, prefix=prefix, changes=[*changes, (taken("t_a", 4, subject=None), "delivered")])
+        publish(client, prefix, [*changes, (taken("t_a", 4, subject=None), "delivered")])
         [(channel, items)] = published(watcher)
         assert channel == keys.timeline(prefix, "t_a")
         assert items == [
@@ -71,10 +81,9 @@ def test_a_batch_is_published_only_to_tenants_a_stream_listens_to(client: redis.
         ]  # fmt: skip
         assert json.loads(listener.get_message(timeout=1.0)["data"]) == items  # type: ignore[index]
 
-        # A worker asks who listens along with its other commands at take time, and queues the
-        # messages on the pipeline that records the batch: sent when that pipeline runs.
+        # Queued messages go out only when the recording pipeline runs.
         pipe = client.pipeline(transaction=False)
-        publish_states(client, prefix=prefix, changes=changes, listening={"t_b"}, pipe=pipe)
+        publish_states(pipe, prefix=prefix, changes=changes, listening={"t_b"})
         assert published(watcher, wait_s=0.2) == []
         pipe.execute()
         [(channel, items)] = published(watcher)

@@ -298,7 +298,7 @@ class Runtime:
         """What a batch needs of Redis before it is sent, in one round trip: mark the claimed batch
         starting with ``first_id`` taken for as long as its lease lasts (False if a worker already
         took it: the broker delivered its message twice), the endpoints paused after a 429/503,
-        and the tenants whose live timeline a stream listens to (``live.listened``)."""
+        and the tenants whose live timeline a stream listens to (``live.subscribed``)."""
         ttl_ms = max(1, int((lease_until - now).total_seconds() * 1000))
         endpoint_ids = sorted({t.endpoint_id for t in taken if t.endpoint_id})
         channels = {keys.timeline(self.prefix, t.tenant_id): t.tenant_id for t in taken if t.subject}
@@ -590,42 +590,27 @@ class Runtime:
                 prefix=self.prefix,
                 observations=[(r.job.delivery.lane, r.job.delivery.channel, r.latency_ms / 1000) for r in results],
             )
-            publish_states(self.redis, prefix=self.prefix, changes=changes, listening=listening, pipe=pipe)
+            publish_states(pipe, prefix=self.prefix, changes=changes, listening=listening)
             pipe.execute()
         except redis.RedisError:
             logger.warning("could not record attempt latencies nor publish state changes to live timelines")
 
 
 def publish_states(
-    client: redis.Redis,
-    *,
-    prefix: str,
-    changes: Sequence[tuple[Taken, str]],
-    listening: Collection[str] | None = None,
-    pipe: redis.client.Pipeline | None = None,
+    pipe: redis.client.Pipeline, *, prefix: str, changes: Sequence[tuple[Taken, str]], listening: Collection[str]
 ) -> None:
-    """Tell live timelines (SSE streams in any API process) that deliveries changed state: one
-    message per tenant holding the list of its changes, whatever the batch size, for the tenants
-    a stream is listening to (``listening``; asked of Redis when not given, ``live.listened``).
-    With ``pipe`` the messages are queued there and sent when the caller executes it."""
+    """Queue on ``pipe`` the news for live timelines (SSE streams in any API process) that
+    deliveries changed state: one message per tenant holding the list of its changes, whatever
+    the batch size, for the tenants in ``listening`` only (the take asked Redis which tenants a
+    stream follows, ``live.subscribed``): nobody watching is the usual case, and hundreds of
+    changes a batch would cost JSON and a large PUBLISH for no reader."""
     by_tenant: dict[str, list[tuple[Taken, str]]] = {}
     for delivery, state in changes:
-        if delivery.subject:
+        if delivery.subject and delivery.tenant_id in listening:
             by_tenant.setdefault(delivery.tenant_id, []).append((delivery, state))
-    if not by_tenant:
-        return
-    if listening is None:
-        channels = {keys.timeline(prefix, tenant_id): tenant_id for tenant_id in by_tenant}
-        listening = {channels[c] for c in live.listened(client, channels)}
-    tenants = [t for t in by_tenant if t in listening]
-    if not tenants:
-        return
-    out = pipe if pipe is not None else client.pipeline(transaction=False)
-    for tenant_id in tenants:
-        items = [live.delivery_message(d, state) for d, state in by_tenant[tenant_id]]
-        out.publish(keys.timeline(prefix, tenant_id), json.dumps(items))
-    if pipe is None:
-        out.execute()
+    for tenant_id, items in by_tenant.items():
+        messages = [live.delivery_message(d, state) for d, state in items]
+        pipe.publish(keys.timeline(prefix, tenant_id), json.dumps(messages))
 
 
 @lru_cache(maxsize=1024)
