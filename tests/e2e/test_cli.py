@@ -230,16 +230,29 @@ def test_migrate_builds_a_fresh_database_and_running_it_again_is_harmless(fresh_
 def test_a_long_running_command_on_an_unmigrated_database_says_to_migrate(
     tmp_path: Path, redis_url: str, command: list[str]
 ) -> None:
-    """Never migrated (here: its folder does not even exist), a process stops at once with a
-    hint instead of a traceback from its first query."""
+    """Never migrated, a process stops at once with a hint instead of a traceback from its first
+    query, and creates no empty database file on the way."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
-    env |= {"HERALD_DATA_DIR": str(tmp_path / "nowhere"), "HERALD_REDIS__URL": redis_url}
+    env |= {"HERALD_DATA_DIR": str(tmp_path), "HERALD_REDIS__URL": redis_url}
     done = subprocess.run(
         [sys.executable, "-m", "herald.cli", *command], env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 1
-    assert "cannot open the database (unable to open database file): run `herald migrate` first" in done.stderr
+    assert "the database does not exist yet: run `herald migrate` first" in done.stderr
     assert "Traceback" not in done.stderr
+    assert not (tmp_path / "herald.db").exists()
+
+
+def test_a_worker_whose_database_cannot_be_opened_says_why(tmp_path: Path, redis_url: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
+    env |= {"HERALD_DATA_DIR": str(tmp_path), "HERALD_REDIS__URL": redis_url,
+            "HERALD_DATABASE__URL": "postgresql://herald:s3cret@127.0.0.1:1/herald"}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "herald.cli", "worker"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "cannot open the database (" in done.stderr and "run `herald migrate` first" in done.stderr
+    assert "s3cret" not in done.stderr
 
 
 def test_a_worker_on_a_database_behind_this_codes_migrations_names_both_revisions(

@@ -38,6 +38,11 @@ def unmigrated(engine: Engine) -> str | None:
     """Why the database at ``engine`` is not ready for this code (cannot be opened, has no
     schema, or is behind its migrations), or None when it is at the latest revision. A read."""
     head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+    file = engine.url.database or ""
+    sqlite = engine.url.get_backend_name() == "sqlite"
+    on_disk = sqlite and file not in ("", ":memory:") and not file.startswith("file:")
+    if on_disk and not Path(file).exists():  # opening it would create an empty file: just say so
+        return "the database does not exist yet"
     try:
         with reader(engine).connect() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
