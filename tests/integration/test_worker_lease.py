@@ -15,13 +15,13 @@ from datetime import datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event, select
+from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from herald.config import Settings
 from herald.store import queries
 from herald.store.db import transaction
-from herald.store.models import Attempt, Delivery, utcnow
+from herald.store.models import Attempt, Delivery, Endpoint, utcnow
 from herald.worker.celery_app import DELIVER_BATCH, make_celery
 from herald.worker.delivery import Runtime
 from tests.support import Receiver, wait_until
@@ -262,3 +262,34 @@ def test_a_worker_still_sends_its_batch_while_redis_is_unreachable(
     assert "Redis unreachable at take" in caplog.text
     assert dict(receiver.calls) == dict.fromkeys(ids, 1)
     assert [(d.state, d.attempts) for d in rows(sessions)] == [("delivered", 1)] * 3
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+@pytest.mark.postgres
+def test_rows_a_take_ends_are_not_written_once_another_claim_holds_them(
+    client: TestClient, auth: dict[str, str], receiver: Receiver, sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    """A take reads first and writes the rows it ends (here: endpoint disabled, so dead) after.
+    If the rows were handed out again in between, that write keys on the lease it read and
+    changes nothing. (PostgreSQL: on SQLite no other writer could act between the two.)"""
+    send_events(client, auth, receiver, 2)
+    ids, lease_until = claim(sessions, settings.dispatch.lease_s)
+    with transaction(sessions) as session:
+        session.execute(update(Endpoint).values(enabled=False))
+    later = utcnow() + timedelta(seconds=settings.dispatch.lease_s + 1)
+    reclaimed: list[datetime] = []
+
+    def hand_out_again(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if statement.startswith("UPDATE deliveries SET state") and not reclaimed:
+            with transaction(sessions) as session:  # the lease ran out; the reconciler and a claim act
+                assert queries.reconcile(session=session, now=later) == len(ids)
+            reclaimed.append(claim(sessions, settings.dispatch.lease_s, now=later)[1])
+
+    with running(settings) as runtime:
+        event.listen(runtime.engine, "before_cursor_execute", hand_out_again)
+        try:
+            runtime.deliver(ids, lease_until)
+        finally:
+            event.remove(runtime.engine, "before_cursor_execute", hand_out_again)
+    assert reclaimed and receiver.calls == {}
+    assert {(d.state, d.lease_until) for d in rows(sessions)} == {("sending", reclaimed[0])}
