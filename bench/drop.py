@@ -46,6 +46,7 @@ from common import (
     wait_until,
     write_ids_file,
 )
+from profiling import start_profilers, stop_profilers
 
 WARM_UP_IDS = 20
 
@@ -145,6 +146,7 @@ def _drive(
         own_backend = int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()) if pg_name else 0
     pg_before = postgres_backends_cpu_s(run.args.postgres_url, pg_name, exclude=own_backend) if pg_name else {}
     receiver_before = run.receiver.stats()
+    profilers = start_profilers(run, names) if run.args.profile else []
     cpu_before, servers_before = run.procs.cpu_s(names), run.servers_cpu_s()
     wall_start = time.time()
     start = time.perf_counter()
@@ -162,6 +164,7 @@ def _drive(
     end = waited["end"]
     cpu_after, servers_after = run.procs.cpu_s(names), run.servers_cpu_s()
     pg_after = postgres_backends_cpu_s(run.args.postgres_url, pg_name, exclude=own_backend) if pg_name else {}
+    profiles = stop_profilers(run, profilers)
     watcher_peak = peak_rss(run.procs.running[f"drop-{kind}-watch"].pid)
     with engine.connect() as conn:
         drop = conn.execute(
@@ -199,6 +202,7 @@ def _drive(
         "cpu_s": sum(parts.values()),
         "cpu_s_by_process": parts,
         **servers_used(servers_before, servers_after),
+        "profiles": profiles,
         "timeline": [(round(t - start, 2), c - receiver_before["count"]) for t, c in waited["timeline"]],
     }
     if pg_name:
