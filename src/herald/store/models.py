@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -29,7 +30,13 @@ def utcnow() -> datetime:
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """Aware UTC datetimes on every backend (SQLite stores them naive)."""
+    """Aware UTC datetimes on every backend (SQLite stores them naive, as text).
+
+    On SQLite a value is written in one step (``sqlite_text``) instead of this decorator's step
+    followed by SQLAlchemy's own, which formats through a dict of seven fields: a worker writes
+    two timestamps per attempt. The text is the one SQLAlchemy writes, so values compare equal
+    however they were written.
+    """
 
     impl = DateTime(timezone=True)
     cache_ok = True
@@ -46,6 +53,22 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[datetime | None], Any] | None:
+        if dialect.name == "sqlite":
+            return sqlite_text
+        return super().bind_processor(dialect)
+
+
+def sqlite_text(value: datetime | None) -> str | None:
+    """An aware datetime as SQLite stores it: UTC, ``YYYY-MM-DD HH:MM:SS.ffffff``."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError(f"naive datetime stored: {value!r}")
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(" ", "microseconds")[:26]  # without the "+00:00"
 
 
 class DeliveryState(StrEnum):
