@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Select, func, or_, select, update
+from sqlalchemy import Connection, Select, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from herald.errors import AuthError, ConflictError, NotFoundError
@@ -126,16 +126,20 @@ def list_endpoints(*, session: Session, tenant_id: str, cursor: str | None, limi
     return session.scalars(_page(query, Endpoint.id, cursor, limit)).all()
 
 
+# Built once: every batch a worker takes reads its endpoints' secrets.
+_ACTIVE_SECRETS = (
+    select(EndpointSecret.endpoint_id, EndpointSecret.secret)
+    .where(EndpointSecret.endpoint_id.in_(bindparam("endpoint_ids", expanding=True)))
+    .where(or_(EndpointSecret.expires_at.is_(None), EndpointSecret.expires_at > bindparam("now")))
+    .order_by(EndpointSecret.created_at.desc(), EndpointSecret.id.desc())
+)
+
+
 def active_secrets(
     *, session: Session | Connection, endpoint_ids: Sequence[str], now: datetime
 ) -> dict[str, list[str]]:
     """The signing secrets of each endpoint, newest first (rotated ones until their grace ends)."""
-    rows = session.execute(
-        select(EndpointSecret.endpoint_id, EndpointSecret.secret)
-        .where(EndpointSecret.endpoint_id.in_(endpoint_ids))
-        .where(or_(EndpointSecret.expires_at.is_(None), EndpointSecret.expires_at > now))
-        .order_by(EndpointSecret.created_at.desc(), EndpointSecret.id.desc())
-    ).all()
+    rows = session.execute(_ACTIVE_SECRETS, {"endpoint_ids": list(endpoint_ids), "now": now}).all()
     out: dict[str, list[str]] = {}
     for endpoint_id, secret in rows:
         out.setdefault(endpoint_id, []).append(secret)

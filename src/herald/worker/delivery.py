@@ -36,10 +36,11 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from json.encoder import encode_basestring as _quote
 from typing import Any, Protocol
 
 import redis
-from sqlalchemy import Connection, Table, Text, cast, select, update
+from sqlalchemy import Connection, Table, Text, bindparam, cast, select, update
 
 from herald import heap, keys, live
 from herald.channels.base import EmailMessage, Sent, SmsMessage, WebhookMessage
@@ -79,10 +80,13 @@ _STATES = {
     Action.dead: DeliveryState.dead,
     Action.expired: DeliveryState.expired,
 }
+# A delivery that ends (or retries) leaves its lease. Only a retry sets ``due_at``: a claim
+# already cleared it, and naming a column in an UPDATE makes SQLite rewrite the indexes on it.
 _RECORD_COLUMNS = (
-    "state", "attempts", "first_attempt_at", "due_at", "lease_until", "last_status_code", "last_error", "updated_at",
+    "state", "attempts", "first_attempt_at", "lease_until", "last_status_code", "last_error", "updated_at",
     "finished_at",
 )  # fmt: skip
+_RETRY_COLUMNS = (*_RECORD_COLUMNS, "due_at")
 _STATE_COLUMNS = ("state", "due_at", "lease_until", "last_error", "finished_at", "updated_at")
 _ATTEMPT_COLUMNS = (
     "delivery_id", "number", "started_at", "latency_ms", "status_code", "outcome", "error", "decision", "provider",
@@ -130,6 +134,25 @@ class Source:
 _SOURCE_COLUMNS = [
     _EVENTS.c.id, _EVENTS.c.type, _EVENTS.c.subject, _EVENTS.c.created_at, cast(_EVENTS.c.data, Text),
 ]  # fmt: skip
+
+
+# Built once: a batch runs each of these, and building the statement (and its cache key) cost
+# more than running it on the small ones.
+_TAKE = (
+    select(*_TAKEN_COLUMNS, *_SOURCE_COLUMNS, _DELIVERIES.c.lease_until)
+    .join_from(_DELIVERIES, _EVENTS, _EVENTS.c.id == _DELIVERIES.c.event_id)
+    .where(_DELIVERIES.c.id.in_(bindparam("ids", expanding=True)), _DELIVERIES.c.state == DeliveryState.sending)
+)
+_ENDPOINT_ROWS = select(_ENDPOINTS.c.id, _ENDPOINTS.c.url, _ENDPOINTS.c.enabled).where(
+    _ENDPOINTS.c.id.in_(bindparam("ids", expanding=True))
+)
+_ENDPOINT_LIMITS = select(_ENDPOINTS.c.id, _ENDPOINTS.c.max_rate_per_s, _ENDPOINTS.c.max_concurrency).where(
+    _ENDPOINTS.c.id.in_(bindparam("ids", expanding=True)),
+    (_ENDPOINTS.c.max_rate_per_s.is_not(None)) | (_ENDPOINTS.c.max_concurrency.is_not(None)),
+)
+_TENANT_RETRIES = select(_TENANTS.c.id, _TENANTS.c.retry_max_attempts, _TENANTS.c.retry_window_s).where(
+    _TENANTS.c.id.in_(bindparam("ids", expanding=True))
+)
 
 
 @dataclass(slots=True)
@@ -181,13 +204,15 @@ def raw_webhook_body(*, event_id: str, type: str, subject: str | None, created_a
 
     The same JSON value as ``webhook_body`` gives (the stored text is spliced in, not decoded and
     encoded again: a bulk batch is hundreds of payloads), and the same bytes on every attempt.
+    The head's strings are quoted by the json module's own C quoting, the one ``json.dumps(…,
+    ensure_ascii=False)`` applies: a ``json.dumps`` call per payload spent more on setting up its
+    encoder than on encoding four short fields.
     """
-    head = json.dumps(
-        {"id": event_id, "type": type, "subject": subject, "timestamp": created_at.isoformat()},
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
-    return f'{head[:-1]},"data":{data_json}}}'.encode()
+    quoted_subject = "null" if subject is None else _quote(subject)
+    return (
+        f'{{"id":{_quote(event_id)},"type":{_quote(type)},"subject":{quoted_subject},'
+        f'"timestamp":"{created_at.isoformat()}","data":{data_json}}}'
+    ).encode()
 
 
 def otp_key(prefix: str, delivery_id: str) -> str:
@@ -256,15 +281,7 @@ class Runtime:
             # The lease is compared here, not in SQL: a claim's rows (up to max_claim) share one
             # lease, and SQLite's planner would walk them all through ix_deliveries_lease rather
             # than look up this batch's ids by primary key.
-            rows = [
-                row
-                for row in conn.execute(
-                    select(*_TAKEN_COLUMNS, *_SOURCE_COLUMNS, _DELIVERIES.c.lease_until)
-                    .join_from(_DELIVERIES, _EVENTS, _EVENTS.c.id == _DELIVERIES.c.event_id)
-                    .where(_DELIVERIES.c.id.in_(ids), _DELIVERIES.c.state == DeliveryState.sending)
-                )
-                if row[-1] == lease_until
-            ]
+            rows = [row for row in conn.execute(_TAKE, {"ids": ids}) if row[-1] == lease_until]
             if not rows:
                 return None
             width, end = len(_TAKEN_COLUMNS), len(_TAKEN_COLUMNS) + len(_SOURCE_COLUMNS)
@@ -324,28 +341,13 @@ class Runtime:
     ) -> tuple[list[Job], list[tuple[Any, ...]]]:
         """The job of each taken delivery, and the rows that end here (expired, unsendable)."""
         endpoint_ids = list({t.endpoint_id for t, _ in taken if t.endpoint_id})
-        endpoints = (
-            {
-                row.id: row
-                for row in conn.execute(
-                    select(_ENDPOINTS.c.id, _ENDPOINTS.c.url, _ENDPOINTS.c.enabled).where(
-                        _ENDPOINTS.c.id.in_(endpoint_ids)
-                    )
-                )
-            }
-            if endpoint_ids
-            else {}
-        )
+        endpoints = {row.id: row for row in conn.execute(_ENDPOINT_ROWS, {"ids": endpoint_ids})} if endpoint_ids else {}
         secrets = queries.active_secrets(session=conn, endpoint_ids=endpoint_ids, now=now) if endpoint_ids else {}
         policies = {
             row.id: RetryPolicy.from_settings(
                 self.settings.retry, max_attempts=row.retry_max_attempts, window_s=row.retry_window_s
             )
-            for row in conn.execute(
-                select(_TENANTS.c.id, _TENANTS.c.retry_max_attempts, _TENANTS.c.retry_window_s).where(
-                    _TENANTS.c.id.in_({t.tenant_id for t, _ in taken})
-                )
-            )
+            for row in conn.execute(_TENANT_RETRIES, {"ids": list({t.tenant_id for t, _ in taken})})
         }
         jobs: list[Job] = []
         finished: list[tuple[Any, ...]] = []
@@ -417,12 +419,7 @@ class Runtime:
         endpoint_ids = {j.delivery.endpoint_id for j in batch.jobs if j.delivery.endpoint_id}
         if not endpoint_ids:
             return []
-        limits = conn.execute(
-            select(_ENDPOINTS.c.id, _ENDPOINTS.c.max_rate_per_s, _ENDPOINTS.c.max_concurrency).where(
-                _ENDPOINTS.c.id.in_(endpoint_ids),
-                (_ENDPOINTS.c.max_rate_per_s.is_not(None)) | (_ENDPOINTS.c.max_concurrency.is_not(None)),
-            )
-        ).all()
+        limits = conn.execute(_ENDPOINT_LIMITS, {"ids": list(endpoint_ids)}).all()
         if not limits and not paused:
             return []
         rates = {row.id: row.max_rate_per_s for row in limits if row.max_rate_per_s}
@@ -533,7 +530,8 @@ class Runtime:
     def _record(self, results: list[Result], lease_until: datetime, listening: set[str]) -> None:
         now = utcnow()
         attempts: list[tuple[Any, ...]] = []
-        updates: list[tuple[Any, ...]] = []
+        ended: list[tuple[Any, ...]] = []
+        retried: list[tuple[Any, ...]] = []
         disable: set[str] = set()
         pauses: dict[str, float] = {}
         changes: list[tuple[Taken, str]] = []
@@ -554,10 +552,11 @@ class Runtime:
                  error_text, _reason_text(decision.reason), provider)
             )  # fmt: skip
             state = _STATES[decision.action]
-            updates.append(
-                (state, number, first, decision.due_at, None, status_code, error_text, now,
-                 None if decision.action is Action.retry else now, delivery.id, lease_until)
-            )  # fmt: skip
+            values = (state, number, first, None, status_code, error_text, now)
+            if decision.action is Action.retry:
+                retried.append((*values, None, decision.due_at, delivery.id, lease_until))
+            else:
+                ended.append((*values, now, delivery.id, lease_until))
             changes.append((delivery, state))
             if isinstance(error, PermanentChannelError) and error.disable_endpoint and delivery.endpoint_id:
                 disable.add(delivery.endpoint_id)
@@ -569,13 +568,12 @@ class Runtime:
             prepare_insert(dialect, Attempt, _ATTEMPT_COLUMNS, attempts),
             # Only where this worker still holds the lease: if the reconciler gave the row to
             # another worker meanwhile, that worker's outcome is the one that counts.
-            prepare_update(
-                dialect,
-                Delivery,
-                _RECORD_COLUMNS,
-                updates,
-                where=("id", "lease_until"),
-                where_sql=f"state = '{DeliveryState.sending}'",
+            *(
+                prepare_update(
+                    dialect, Delivery, columns, rows, where=("id", "lease_until"),
+                    where_sql=f"state = '{DeliveryState.sending}'",
+                )  # fmt: skip
+                for columns, rows in ((_RECORD_COLUMNS, ended), (_RETRY_COLUMNS, retried))
             ),
         ]
         with self.engine.begin() as conn:
