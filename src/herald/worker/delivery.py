@@ -570,9 +570,13 @@ class Runtime:
             # another worker meanwhile, that worker's outcome is the one that counts.
             *(
                 prepare_update(
-                    dialect, Delivery, columns, rows, where=("id", "lease_until"),
+                    dialect,
+                    Delivery,
+                    columns,
+                    rows,
+                    where=("id", "lease_until"),
                     where_sql=f"state = '{DeliveryState.sending}'",
-                )  # fmt: skip
+                )
                 for columns, rows in ((_RECORD_COLUMNS, ended), (_RETRY_COLUMNS, retried))
             ),
         ]
