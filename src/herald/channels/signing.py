@@ -11,11 +11,15 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import hmac
+import hashlib
 from collections.abc import Sequence
 from secrets import token_bytes
+from typing import TYPE_CHECKING
 
 from herald.errors import ValidationError
+
+if TYPE_CHECKING:
+    from _hashlib import HASH
 
 SECRET_PREFIX = "whsec_"
 # The spec asks for keys of 24 to 64 bytes; shorter keys are too weak, longer ones hint at a mix-up.
@@ -40,7 +44,7 @@ def sign(*, secrets: Sequence[str], msg_id: str, timestamp: int, body: bytes) ->
     if not secrets:
         raise ValidationError("secrets: at least one signing secret is required, got none", field="secrets")
     content = f"{msg_id}.{timestamp}.".encode() + body
-    return " ".join(_signature(_key(secret), content) for secret in secrets)
+    return " ".join(_signature(_hmac_states(secret), content) for secret in secrets)
 
 
 def headers(*, secrets: Sequence[str], msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
@@ -52,9 +56,8 @@ def headers(*, secrets: Sequence[str], msg_id: str, timestamp: int, body: bytes)
     }
 
 
-@functools.lru_cache(maxsize=4096)
 def _key(secret: str) -> bytes:
-    """The HMAC key of ``secret`` (cached: every attempt of a batch signs with the same few secrets)."""
+    """The HMAC key of ``secret``, or ``ValidationError`` (field ``secret``) without echoing it."""
     problem = f"must be '{SECRET_PREFIX}' followed by the base64 of {MIN_KEY_BYTES}-{MAX_KEY_BYTES} bytes"
     if not secret.startswith(SECRET_PREFIX):
         raise ValidationError(f"secret: {problem}, got a value without the prefix", field="secret")
@@ -67,6 +70,31 @@ def _key(secret: str) -> bytes:
     return key
 
 
-def _signature(key: bytes, content: bytes) -> str:
-    digest = hmac.digest(key, content, "sha256")  # OpenSSL's one-shot HMAC, no Python object
-    return "v1," + base64.b64encode(digest).decode("ascii")
+# HMAC-SHA256 (RFC 2104) from two SHA-256 states precomputed per secret, instead of
+# hmac.digest(key, content, "sha256"): OpenSSL 3 fetches the digest by name on every hmac.digest
+# call. Copying the two ready states gives the same bytes (a hypothesis test compares them with
+# hmac.digest) for about 40% of the HMAC's cost (2.3 -> 0.9 us here, OpenSSL 3.0.19).
+_SHA256_BLOCK_BYTES = 64
+_IPAD = bytes(byte ^ 0x36 for byte in range(256))
+_OPAD = bytes(byte ^ 0x5C for byte in range(256))
+
+
+@functools.lru_cache(maxsize=4096)
+def _hmac_states(secret: str) -> tuple[HASH, HASH]:
+    """The inner and outer HMAC states of ``secret`` (cached: every attempt of a batch signs with the same few)."""
+    return _hmac_states_of(_key(secret))
+
+
+def _hmac_states_of(key: bytes) -> tuple[HASH, HASH]:
+    """SHA-256 after absorbing ``key ^ ipad`` and ``key ^ opad``; never to be updated, only copied."""
+    if len(key) > _SHA256_BLOCK_BYTES:  # RFC 2104: a key longer than the block is hashed first
+        key = hashlib.sha256(key).digest()
+    block = key.ljust(_SHA256_BLOCK_BYTES, b"\0")
+    return hashlib.sha256(block.translate(_IPAD)), hashlib.sha256(block.translate(_OPAD))
+
+
+def _signature(states: tuple[HASH, HASH], content: bytes) -> str:
+    inner, outer = states[0].copy(), states[1].copy()
+    inner.update(content)
+    outer.update(inner.digest())
+    return "v1," + base64.b64encode(outer.digest()).decode("ascii")
