@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import email
 import email.message
+import json
 import os
 import signal
 import socket
@@ -15,10 +17,12 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx2
+import redis
 from aiohttp import web
 from pydantic import BaseModel, SecretStr
 from sqlalchemy import text
@@ -29,6 +33,7 @@ from herald.config import Settings
 from herald.store.db import make_engine
 from herald.store.migrate import upgrade
 from herald.store.models import Base
+from herald.worker.celery_app import DELIVER_BATCH
 
 
 def wait_until(
@@ -235,6 +240,29 @@ class Processes:
                     self.kill(name)
                     continue
             self.running.pop(name, None)
+
+
+def queued_messages(client: redis.Redis, queue: str) -> list[tuple[list[str], datetime]]:
+    """The Celery broker's messages (kombu's Redis transport keeps a queue as a list; ``LPUSH``
+    publishes): the id batch and the claim's lease of every message waiting in ``queue``, oldest first."""
+    messages = []
+    for raw in reversed(client.lrange(queue, 0, -1)):  # LPUSH: the newest is at the head
+        envelope = json.loads(raw)
+        assert envelope["content-type"] == "application/json"
+        assert envelope["properties"]["body_encoding"] == "base64"
+        assert envelope["headers"]["task"] == DELIVER_BATCH
+        args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+        assert set(kwargs) == {"lease"}
+        lease = datetime.fromisoformat(kwargs["lease"])
+        assert lease.tzinfo is not None
+        [ids] = args
+        messages.append((ids, lease))
+    return messages
+
+
+def queued_batches(client: redis.Redis, queue: str) -> list[list[str]]:
+    """The id batches of every message waiting in ``queue``, oldest first."""
+    return [ids for ids, _lease in queued_messages(client, queue)]
 
 
 def row_counts(sessions: sessionmaker[Session]) -> dict[str, int]:

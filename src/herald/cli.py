@@ -417,6 +417,7 @@ def watch(directory: str | None, once: bool) -> None:
     from herald.api.app import make_redis
     from herald.ingest.watcher import Watcher
     from herald.store.db import make_engine, make_sessionmaker
+    from herald.worker.celery_app import make_celery
 
     s = settings()
     migrated(s)
@@ -426,6 +427,7 @@ def watch(directory: str | None, once: bool) -> None:
         sessions=make_sessionmaker(make_engine(s.database_url, background=True)),
         client=make_redis(s),
         directory=Path(directory) if directory else None,
+        celery=make_celery(s),  # chunks go to the bulk workers directly while the lane has room
     )
     signal.signal(signal.SIGTERM, lambda *_: watcher.stop())
     signal.signal(signal.SIGINT, lambda *_: watcher.stop())

@@ -8,13 +8,12 @@ base64-encoded in ``body``. These tests read that list instead of running a work
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,7 @@ from herald.store.db import make_engine, make_sessionmaker, transaction
 from herald.store.ids import new_id
 from herald.store.models import Delivery, DeliveryState, Endpoint, utcnow
 from herald.worker.celery_app import DELIVER_BATCH, make_celery
+from tests.support import free_port, queued_batches, queued_messages
 
 LANE = "transactional"
 
@@ -54,28 +54,6 @@ def add_deliveries(sessions: sessionmaker[Session], count: int, lane: str = LANE
     ids = [d["id"] for answer in answers for d in answer["deliveries"]]
     assert len(ids) == count
     return ids
-
-
-def queued_messages(client: redis.Redis, queue: str) -> list[tuple[list[str], datetime]]:
-    """The id batch and the claim's lease of every message waiting in ``queue``, oldest first."""
-    messages = []
-    for raw in reversed(client.lrange(queue, 0, -1)):  # LPUSH: the newest is at the head
-        envelope = json.loads(raw)
-        assert envelope["content-type"] == "application/json"
-        assert envelope["properties"]["body_encoding"] == "base64"
-        assert envelope["headers"]["task"] == DELIVER_BATCH
-        args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
-        assert set(kwargs) == {"lease"}
-        lease = datetime.fromisoformat(kwargs["lease"])
-        assert lease.tzinfo is not None
-        [ids] = args
-        messages.append((ids, lease))
-    return messages
-
-
-def queued_batches(client: redis.Redis, queue: str) -> list[list[str]]:
-    """The id batches of every message waiting in ``queue``, oldest first."""
-    return [ids for ids, _lease in queued_messages(client, queue)]
 
 
 def leased(sessions: sessionmaker[Session]) -> dict[str, int]:
@@ -325,6 +303,43 @@ def test_an_idle_claim_publishes_one_delivery_and_a_backlog_full_batches(
     assert leased(sessions) == {DeliveryState.sending: len(backlog) + 1}
     broker.delete(LANE)
     assert dispatcher.dispatch_lane(LANE) is False and broker.llen(LANE) == 0  # nothing is claimed twice
+
+
+def test_each_claim_counts_what_other_claimers_have_in_flight(
+    settings: Settings, sessions: sessionmaker[Session], make_dispatcher: MakeDispatcher, broker: redis.Redis
+) -> None:
+    """The drop ingester (and, on PostgreSQL, other dispatchers) claim too: the cap holds for the
+    lane, whoever claimed, because the count is read afresh before each claim."""
+    cfg = settings.dispatch.model_copy(update={"max_in_flight": 40, "max_claim": 10})
+    dispatcher = make_dispatcher(settings.model_copy(update={"dispatch": cfg}))
+    add_deliveries(sessions, 10)
+    assert dispatcher.dispatch_lane(LANE) is True  # a full claim of 10
+    add_deliveries(sessions, 40)
+    with transaction(sessions) as session:  # someone else claims 20 of them
+        other = queries.claim_due(session=session, lane=LANE, limit=20, lease_s=60, now=utcnow())
+    while dispatcher.dispatch_lane(LANE):
+        pass
+    published = [i for batch in queued_batches(broker, LANE) for i in batch]
+    assert len(published) == 20 and not set(published) & set(other)  # 10 + 20 + 10 = the cap of 40
+    assert leased(sessions) == {DeliveryState.sending: 40}
+    with sessions() as session:
+        assert queries.in_flight(session=session, lane=LANE) == 40
+        assert queries.any_due(session=session, lane=LANE, now=utcnow())  # 10 wait for room
+
+
+def test_a_claim_the_broker_refuses_goes_back_to_due(
+    settings: Settings, sessions: sessionmaker[Session], make_dispatcher: MakeDispatcher
+) -> None:
+    down = settings.model_copy(
+        update={"redis": settings.redis.model_copy(update={"url": f"redis://127.0.0.1:{free_port()}/0"})}
+    )
+    ids = add_deliveries(sessions, 5, lane="bulk")
+    assert make_dispatcher(down).dispatch_lane("bulk") is False
+    with sessions() as session:
+        rows = session.scalars(select(Delivery).where(Delivery.id.in_(ids))).all()
+        assert {(d.state, d.lease_until) for d in rows} == {(DeliveryState.queued, None)}
+        assert all(d.due_at is not None for d in rows)
+        assert queries.any_due(session=session, lane="bulk", now=utcnow())
 
 
 def test_urgent_claims_flag_bulk_work_to_yield_for_a_while_and_bulk_claims_do_not(

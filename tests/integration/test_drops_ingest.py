@@ -9,13 +9,15 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,8 +29,9 @@ from herald.store import queries
 from herald.store.db import transaction
 from herald.store.ids import new_id, new_ids
 from herald.store.models import Delivery, Drop, Endpoint, Event, Template, utcnow
+from herald.worker.celery_app import make_celery
 from herald.worker.delivery import webhook_body
-from tests.support import row_counts, wait_until
+from tests.support import free_port, queued_batches, queued_messages, row_counts, wait_until
 
 
 @dataclass
@@ -597,3 +600,96 @@ def test_progress_reports_are_counted_without_the_write_lock(place: Place) -> No
         holder.close()
     worker.join(30)
     assert place.report(outcome.moved_to)["pending"] == 2
+
+
+# ------------------------------------------------------------------ chunks handed to the workers
+
+
+def refused_broker(settings: Settings) -> Settings:
+    """``settings`` with the broker on a port nobody listens on."""
+    return settings.model_copy(
+        update={"redis": settings.redis.model_copy(update={"url": f"redis://127.0.0.1:{free_port()}/0"})}
+    )
+
+
+@pytest.fixture
+def celery_of() -> Iterator[Callable[[Settings], Celery]]:
+    made: list[Celery] = []
+
+    def make(settings: Settings) -> Celery:
+        made.append(make_celery(settings))
+        return made[-1]
+
+    yield make
+    for app in made:
+        app.close()
+
+
+def claims(sessions: sessionmaker[Session], drop_id: str | None) -> dict[str, tuple[str, bool, datetime | None]]:
+    """Each delivery of the drop: its state, whether it is due, and its lease."""
+    with sessions() as session:
+        rows = session.execute(
+            select(Delivery.id, Delivery.state, Delivery.due_at, Delivery.lease_until).where(
+                Delivery.drop_id == drop_id
+            )
+        ).all()
+    return {r.id: (str(r.state), r.due_at is not None, r.lease_until) for r in rows}
+
+
+def test_with_room_in_flight_each_chunk_is_written_claimed_and_handed_to_the_bulk_workers(
+    place: Place, celery_of: Callable[[Settings], Celery]
+) -> None:
+    broker = redis.Redis.from_url(place.settings.redis_url)
+    woken: list[int] = []
+    path = drop_file(place.folder, "users.txt", [f"u{n}" for n in range(120)])  # chunks of 50, 50 and 20
+    outcome = place.ingester(celery=celery_of(place.settings), wake=lambda: woken.append(1)).process(path)
+
+    assert outcome.kind == OutcomeKind.ingested
+    rows = claims(place.sessions, outcome.drop_id)
+    assert len(rows) == 120 and {(state, due) for state, due, _ in rows.values()} == {("sending", False)}
+    messages = queued_messages(broker, "bulk")
+    handed = [(i, lease) for ids, lease in messages for i in ids]
+    assert sorted(handed) == sorted((i, lease) for i, (_, _, lease) in rows.items())  # each once, under its lease
+    assert len({lease for _, lease in messages}) == 3  # one claim per chunk
+    assert woken == []  # nothing was left for the dispatcher
+    with place.sessions() as session:
+        assert not queries.any_due(session=session, lane="bulk", now=utcnow())
+
+
+def test_chunks_the_lane_has_no_room_for_are_queued_for_the_dispatcher(
+    place: Place, celery_of: Callable[[Settings], Celery]
+) -> None:
+    broker = redis.Redis.from_url(place.settings.redis_url)
+    dispatch = place.settings.dispatch.model_copy(update={"max_in_flight": 60})
+    tight = place.settings.model_copy(update={"dispatch": dispatch})
+    woken: list[int] = []
+    path = drop_file(place.folder, "users.txt", [f"u{n}" for n in range(120)])
+    ingester = Ingester(
+        settings=tight,
+        sessions=place.sessions,
+        directory=place.folder,
+        celery=celery_of(tight),
+        wake=lambda: woken.append(1),
+    )
+    outcome = ingester.process(path)
+
+    rows = claims(place.sessions, outcome.drop_id)
+    sending = {i for i, (state, due, lease) in rows.items() if (state, due) == ("sending", False) and lease}
+    queued = {i for i, (state, due, lease) in rows.items() if (state, due, lease) == ("queued", True, None)}
+    assert (len(sending), len(queued)) == (50, 70)  # the first chunk fitted under 60; then 10 places were left
+    assert sorted(i for ids in queued_batches(broker, "bulk") for i in ids) == sorted(sending)
+    assert woken == [1, 1]  # once for each chunk left to the dispatcher
+
+
+def test_chunks_the_broker_refuses_go_back_to_due_and_ingestion_goes_on(
+    place: Place, celery_of: Callable[[Settings], Celery]
+) -> None:
+    woken: list[int] = []
+    path = drop_file(place.folder, "users.txt", [f"u{n}" for n in range(120)])
+    ingester = place.ingester(celery=celery_of(refused_broker(place.settings)), wake=lambda: woken.append(1))
+    outcome = ingester.process(path)
+
+    assert outcome.kind == OutcomeKind.ingested and get(place.sessions, outcome.drop_id or "").accepted == 120
+    rows = claims(place.sessions, outcome.drop_id)
+    assert len(rows) == 120 and set(rows.values()) == {("queued", True, None)}  # the dispatcher's to hand out
+    assert woken == [1, 1, 1]

@@ -2,9 +2,11 @@
 tick for rows that became due by time (retries, scheduled sends).
 
 A pass over a lane first asks, in a read-only transaction, whether anything is due: an idle lane
-costs one index probe and never queues for SQLite's write lock. The in-flight cap is kept from
-a count taken now and then plus what this dispatcher claimed since (an upper bound while
-deliveries finish), so a busy lane is not counted on every pass either.
+costs one index probe and never queues for SQLite's write lock. Only then is the lane's in-flight
+count read (through an index of the leased rows alone, so it costs at most ``max_in_flight``
+entries): fresh before every claim, because other writers claim too (other dispatchers on
+PostgreSQL, the drop ingester), and a count remembered from earlier would let the lane overshoot
+its cap by what they claimed since.
 
 The ``bulk`` lane is dispatched by a thread of its own: its claims are large and, on SQLite, give
 way to everything else (``store.db.background``), and an OTP must never wait for one to finish
@@ -24,11 +26,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from herald import keys
 from herald.config import LANES, Settings
-from herald.dispatch.batching import chunks
+from herald.dispatch.handover import hand_over, room
 from herald.store import queries
 from herald.store.db import background, make_sessionmaker, reader, transaction
 from herald.store.models import utcnow
-from herald.worker.celery_app import DELIVER_BATCH
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,6 @@ class Dispatcher:
         self.stopping = threading.Event()
         self._bulk_wake = threading.Event()
         self._last_reconcile = 0.0
-        # lane -> (deliveries in flight when last counted, when, claimed by us since)
-        self._in_flight: dict[str, tuple[int, float, int]] = {}
 
     def run(self) -> None:
         """Dispatch until ``stop()``; survives database and broker outages by retrying."""
@@ -129,34 +128,22 @@ class Dispatcher:
         with self.reads() as session:
             if not queries.any_due(session=session, lane=lane, now=now):
                 return False
-        room = cfg.max_in_flight - self._in_flight_bound(lane)
-        if room <= 0:
+        limit = min(cfg.max_claim, room(reads=self.reads, config=cfg, lane=lane))
+        if limit <= 0:
             return False
-        limit = min(cfg.max_claim, room)
         with transaction(self.bulk_sessions if lane == BULK else self.sessions) as session:
             ids = queries.claim_due(session=session, lane=lane, limit=limit, lease_s=cfg.lease_s, now=now)
-        count, counted_at, claimed = self._in_flight[lane]
-        self._in_flight[lane] = (count, counted_at, claimed + len(ids))
         if not ids:
             return False
         if lane != BULK:
             self._flag_urgent()
-        batches = chunks(ids, target_tasks=cfg.target_tasks, max_batch=cfg.max_batch)
         # The claim's lease travels with its messages: a worker sends only rows that still hold it.
-        lease = {"lease": queries.lease_expiry(now, cfg.lease_s).isoformat()}
-        published = 0
-        try:
-            with self.celery.producer_or_acquire() as producer:
-                for batch in batches:
-                    self.celery.send_task(DELIVER_BATCH, args=[batch], kwargs=lease, queue=lane, producer=producer)
-                    published += 1
-        except Exception:
-            unsent = [i for batch in batches[published:] for i in batch]
-            logger.exception("publishing to lane %s failed; %d deliveries back to due", lane, len(unsent))
-            with transaction(self.sessions) as session:
-                queries.release(session=session, ids=unsent, now=utcnow())
-            raise
-        logger.debug("lane %s: %d deliveries in %d tasks", lane, len(ids), len(batches))
+        lease_until = queries.lease_expiry(now, cfg.lease_s)
+        if not hand_over(
+            celery=self.celery, sessions=self.sessions, config=cfg, lane=lane, ids=ids, lease_until=lease_until
+        ):
+            self.stopping.wait(1.0)  # the broker refused: the ids are due again; try again shortly
+            return False
         return len(ids) >= limit
 
     def _flag_urgent(self) -> None:
@@ -168,17 +155,3 @@ class Dispatcher:
             self.redis.set(self.urgent_key, 1, px=hold_ms)
         except redis.RedisError:
             logger.warning("could not flag urgent-lane work; bulk work goes on at full speed")
-
-    def _in_flight_bound(self, lane: str) -> int:
-        """At least as many deliveries as ``lane`` has in flight; counted again (a read) when the
-        bound comes near the cap or is older than the reconcile interval."""
-        cfg = self.settings.dispatch
-        count, counted_at, claimed = self._in_flight.get(lane, (0, -1e9, 0))
-        bound = count + claimed
-        stale = time.monotonic() - counted_at >= cfg.reconcile_every_s
-        if stale or bound + cfg.max_claim > cfg.max_in_flight:
-            with self.reads() as session:
-                count = queries.in_flight(session=session, lane=lane)
-            self._in_flight[lane] = (count, time.monotonic(), 0)
-            return count
-        return bound

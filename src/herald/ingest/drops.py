@@ -12,11 +12,15 @@ goes through:
    ``drops.content_hash``. A key seen before is a duplicate: nothing is created, the file moves to
    ``done/`` with a report naming the first drop. (The target is in the key so one audience file
    can go to two campaigns.)
-3. **chunks** of ``chunk_size`` lines: the chunk's events and deliveries (queued on the target's
-   lane, due now) and the drop's progress (``committed_offset``, the byte offset after the chunk,
-   and ``lines``, its last line number) are one transaction, then the dispatcher is woken. The
-   progress update is a compare-and-set on ``committed_offset``, so of two ingesters on one file
-   only one can commit each chunk.
+3. **chunks** of ``chunk_size`` lines: the chunk's events and deliveries and the drop's progress
+   (``committed_offset``, the byte offset after the chunk, and ``lines``, its last line number)
+   are one transaction. The progress update is a compare-and-set on ``committed_offset``, so of
+   two ingesters on one file only one can commit each chunk. While the target's lane has room
+   under ``HERALD_DISPATCH__MAX_IN_FLIGHT`` (and the ingester was given a Celery app, as
+   ``herald watch`` is), the deliveries are written already claimed (``sending`` under a lease)
+   and handed to the lane's workers after the commit, as the dispatcher would have done with a
+   second write (``dispatch.handover``); otherwise they are queued, due now, and the dispatcher
+   is woken.
 4. **end**: the last transaction also sets state ``delivering`` and ``path`` (where the file will
    be in ``done/``); the report is written and the file moved. The watcher rewrites the report
    as deliveries finish, and sets state ``finished`` when none is pending.
@@ -40,7 +44,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from pydantic import ValidationError as PydanticValidationError
@@ -52,6 +56,7 @@ from herald.api.schemas import EventType, ObjectId
 from herald.config import Settings
 from herald.content.lookup import DEFAULT_LOCALE, get_template, normalize_locale
 from herald.content.render import RenderError, render_message, template_context
+from herald.dispatch.handover import hand_over, room
 from herald.errors import NotFoundError
 from herald.ingest.parsers import DropFileError, DropParser, Item, Rejection, Row, digests, scan
 from herald.ingest.report import (
@@ -70,6 +75,9 @@ from herald.store.db import make_sessionmaker, reader, transaction
 from herald.store.ids import new_id, new_ids
 from herald.store.models import Channel, Delivery, DeliveryState, Drop, Event, Template, utcnow
 
+if TYPE_CHECKING:
+    from celery import Celery
+
 logger = logging.getLogger(__name__)
 
 DONE = "done"
@@ -81,7 +89,7 @@ DEFAULT_TEMPLATE = "default"  # how campaign.json names the tenant's default-loc
 EVENT_COLUMNS = ("id", "tenant_id", "type", "subject", "data", "lane", "created_at")
 DELIVERY_COLUMNS = (
     "id", "tenant_id", "event_id", "endpoint_id", "channel", "lane", "state", "event_type", "subject",
-    "attempts", "due_at", "replays", "category", "drop_id", "created_at", "updated_at", "content",
+    "attempts", "due_at", "replays", "category", "drop_id", "created_at", "updated_at", "content", "lease_until",
 )  # fmt: skip
 
 
@@ -268,8 +276,10 @@ def replay_drop(
 class Ingester:
     """Turns files of the drop folder into deliveries; see the module docstring for the steps.
 
-    ``wake`` is called after each committed chunk; ``on_chunk(n)`` after the n-th chunk this
-    call committed (tests raise there to simulate a crash); ``stop`` ends ingestion between chunks.
+    ``wake`` is called after each committed chunk left for the dispatcher; with ``celery``,
+    chunks are handed to the lane's workers directly while the lane has room. ``on_chunk(n)`` is
+    called after the n-th chunk this call committed (tests raise there to simulate a crash);
+    ``stop`` ends ingestion between chunks.
     ``urgent()`` says whether urgent lanes are busy now: the next chunks are then smaller and
     paused (``yield_chunk_size``, ``yield_pause_s``).
     """
@@ -284,8 +294,10 @@ class Ingester:
         stop: threading.Event | None = None,
         on_chunk: Callable[[int], None] = lambda _n: None,
         urgent: Callable[[], bool] = lambda: False,
+        celery: Celery | None = None,
     ) -> None:
         self.settings = settings
+        self.celery = celery
         self.config = settings.ingest
         self.sessions = sessions
         # Reads (progress counts) that must not queue for SQLite's write lock nor hold it.
@@ -510,7 +522,9 @@ class Ingester:
         refused = [(i.line, i.reason) for i in items if isinstance(i, Rejection)]
         refused += [(line, f"duplicate of line {first}") for line, first in duplicates.items()]
         now = utcnow()
-        events, deliveries, failed = self._rows(target, drop_id, [r for r in rows if r.line not in duplicates], now)
+        accepted = [r for r in rows if r.line not in duplicates]
+        lease_until = self._claim(target.lane, len(accepted), now)
+        events, deliveries, failed = self._rows(target, drop_id, accepted, now, lease_until)
         refused += failed
         refused.sort()
         room = max(0, self.config.max_rejections - len(tally.rejections))
@@ -541,21 +555,41 @@ class Ingester:
             run_writes(session.connection(), writes)
         tally.offset, tally.lines = end, lines
         tally.accepted, tally.rejected, tally.rejections = values["accepted"], values["rejected"], rejections
+        if lease_until is not None and deliveries and self.celery is not None:
+            ids = [row[0] for row in deliveries]
+            config, lane = self.settings.dispatch, target.lane
+            handed = hand_over(
+                celery=self.celery, sessions=self.sessions, config=config, lane=lane, ids=ids, lease_until=lease_until
+            )
+            if handed:
+                return  # the workers have them; the dispatcher has nothing to do
         if events:
             self.wake()
 
+    def _claim(self, lane: str, count: int, now: datetime) -> datetime | None:
+        """The lease to write ``count`` deliveries of ``lane`` under, already claimed; None to
+        leave them to the dispatcher (no Celery app, or no room in flight for them all)."""
+        if self.celery is None or not count:
+            return None
+        config = self.settings.dispatch
+        if room(reads=self.reads, config=config, lane=lane) < count:
+            return None
+        return queries.lease_expiry(now, config.lease_s)
+
     def _rows(
-        self, target: Target, drop_id: str, rows: list[Row], now: datetime
+        self, target: Target, drop_id: str, rows: list[Row], now: datetime, lease_until: datetime | None
     ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[int, str]]]:
-        """Event and delivery rows (``EVENT_COLUMNS``, ``DELIVERY_COLUMNS``) for accepted lines;
-        lines whose template fails are refused."""
+        """Event and delivery rows (``EVENT_COLUMNS``, ``DELIVERY_COLUMNS``) for accepted lines,
+        claimed under ``lease_until`` if given, else queued; lines whose template fails are refused."""
         events: list[tuple[Any, ...]] = []
         deliveries: list[tuple[Any, ...]] = []
         refused: list[tuple[int, str]] = []
         defaults = target.data
         category = target.event_type.split(".", 1)[0]
         tenant_id, endpoint_id, event_type, lane = target.tenant_id, target.endpoint_id, target.event_type, target.lane
-        webhook, queued = Channel.webhook.value, DeliveryState.queued.value
+        webhook = Channel.webhook.value
+        state = (DeliveryState.queued if lease_until is None else DeliveryState.sending).value
+        due_at = now if lease_until is None else None
         event_ids, delivery_ids = new_ids("evt", len(rows)), new_ids("dlv", len(rows))
         for row, event_id, delivery_id in zip(rows, event_ids, delivery_ids, strict=True):
             columns = {k: v for k, v in row.data.items() if v != "" or k not in defaults} if defaults else row.data
@@ -570,8 +604,8 @@ class Ingester:
                     continue
             events.append((event_id, tenant_id, event_type, row.user_id, data, lane, now))
             deliveries.append(
-                (delivery_id, tenant_id, event_id, endpoint_id, webhook, lane, queued, event_type, row.user_id,
-                 0, now, 0, category, drop_id, now, now, content)
+                (delivery_id, tenant_id, event_id, endpoint_id, webhook, lane, state, event_type, row.user_id,
+                 0, due_at, 0, category, drop_id, now, now, content, lease_until)
             )  # fmt: skip
         return events, deliveries, refused
 

@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis
 import watchfiles
@@ -20,6 +21,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from herald import keys
 from herald.config import Settings
 from herald.ingest.drops import DONE, FAILED, Ingester, Outcome, drops_dir, is_ignored, pending_files
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,7 @@ class Watcher:
         sessions: sessionmaker[Session],
         client: redis.Redis,
         directory: Path | None = None,
+        celery: Celery | None = None,
     ) -> None:
         self.settings = settings
         self.directory = (directory or drops_dir(settings)).resolve()
@@ -59,6 +64,7 @@ class Watcher:
             wake=self._wake,
             stop=self.stopping,
             urgent=urgent_check(client, settings.redis.key_prefix),
+            celery=celery,
         )
 
     def run(self, *, once: bool = False) -> None:
