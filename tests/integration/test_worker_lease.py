@@ -184,8 +184,10 @@ def test_a_message_that_waited_through_most_of_its_lease_renews_it_before_sendin
     renews at once rather than a third of a lease into sending, or the reconciler would hand the
     rows out again while they are being sent."""
     settings.dispatch.lease_s = 3.0
-    settings.webhook.total_timeout_s = 2.0
-    receiver.delay_s = 1.5
+    # The send outlasts the 0.4 s left of the lease by far, with room for a loaded machine before
+    # the timeout (1.5 s against 2.0 s once timed out here under a parallel test run).
+    settings.webhook.total_timeout_s = 2.5
+    receiver.delay_s = 1.0
     send_events(client, auth, receiver, 2)
     ids, lease_until = claim(sessions, 0.4)  # as if the message had waited 2.6 s of a 3 s lease
     returned = deliver_while_reconciling(settings, sessions, ids, lease_until, every_s=0.1)
