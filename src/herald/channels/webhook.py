@@ -87,9 +87,10 @@ class WebhookChannel(ChannelLifecycle):
             # Receivers of different tenants share this session: no cookies may carry over.
             cookie_jar=aiohttp.DummyCookieJar(),
             # Only the first bytes of a body are read, for the error text; asking for compression
-            # would let a small response inflate in memory.
+            # would let a small response inflate in memory. So each request says "identity"
+            # itself (``_headers``): skip_auto_headers would cost aiohttp a multidict built,
+            # sorted and merged on every request.
             auto_decompress=False,
-            skip_auto_headers=("Accept-Encoding",),
         )
 
     async def close(self) -> None:
@@ -149,7 +150,11 @@ class WebhookChannel(ChannelLifecycle):
 
     def _headers(self, message: WebhookMessage, signed: dict[str, str]) -> dict[str, str]:
         # Lower-cased keys, so a message header cannot sneak in a second "Webhook-Id".
-        headers = {"content-type": "application/json", "user-agent": self._settings.user_agent}
+        headers = {
+            "content-type": "application/json",
+            "user-agent": self._settings.user_agent,
+            "accept-encoding": "identity",
+        }
         headers.update(
             (name.lower(), value) for name, value in message.headers.items() if name.lower() not in _RESERVED_HEADERS
         )
