@@ -122,6 +122,36 @@ def test_watch_delivers_a_csv_drop_end_to_end_and_reports_it(
     assert len(receiver.received) == 2000
 
 
+def test_watch_hands_its_chunks_to_the_bulk_workers_with_no_dispatcher_running(
+    settings: Settings,
+    client: TestClient,
+    auth: dict[str, str],
+    receiver: Receiver,
+    processes: Processes,
+    sessions: sessionmaker[Session],
+) -> None:
+    """``herald watch`` publishes the chunks it wrote claimed: a watcher and a worker alone deliver."""
+    endpoint = client.post("/v1/endpoints", json={"url": receiver.url}, headers=auth).json()
+    receiver.secrets.append(endpoint["secret"])
+    processes.env.update(
+        {
+            "HERALD_INGEST__TENANT": "acme",
+            "HERALD_INGEST__ENDPOINT_ID": endpoint["id"],
+            "HERALD_INGEST__CHUNK_SIZE": "100",
+        }
+    )
+    drop_file(settings.data_dir / "drops", "users.txt", lambda out: out.writelines(f"u{n}\n" for n in range(300)))
+    processes.start("watch", "watch")
+    processes.worker(lanes="bulk")
+
+    def states() -> dict[str, int]:
+        with sessions() as session:
+            return dict(session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())  # type: ignore[arg-type]
+
+    wait_until(lambda: states() == {"delivered": 300}, timeout_s=60, what="300 deliveries without a dispatcher")
+    assert len(receiver.ids()) == 300
+
+
 def test_kill_9_during_ingestion_resumes_without_losing_or_doubling_a_line(
     settings: Settings, api_key: str, processes: Processes, sessions: sessionmaker[Session]
 ) -> None:
