@@ -81,15 +81,10 @@ _OPAD = bytes(byte ^ 0x5C for byte in range(256))
 
 @functools.lru_cache(maxsize=4096)
 def _hmac_states(secret: str) -> tuple[HASH, HASH]:
-    """The inner and outer HMAC states of ``secret`` (cached: every attempt of a batch signs with the same few)."""
-    return _hmac_states_of(_key(secret))
-
-
-def _hmac_states_of(key: bytes) -> tuple[HASH, HASH]:
-    """SHA-256 after absorbing ``key ^ ipad`` and ``key ^ opad``; never to be updated, only copied."""
-    if len(key) > _SHA256_BLOCK_BYTES:  # RFC 2104: a key longer than the block is hashed first
-        key = hashlib.sha256(key).digest()
-    block = key.ljust(_SHA256_BLOCK_BYTES, b"\0")
+    """SHA-256 after absorbing ``key ^ ipad`` and ``key ^ opad`` for the key of ``secret`` (cached:
+    every attempt of a batch signs with the same few); never updated, only copied. ``_key`` caps
+    keys at 64 bytes, the SHA-256 block, so RFC 2104's hashing of longer keys never applies."""
+    block = _key(secret).ljust(_SHA256_BLOCK_BYTES, b"\0")
     return hashlib.sha256(block.translate(_IPAD)), hashlib.sha256(block.translate(_OPAD))
 
 

@@ -527,8 +527,8 @@ class Ingester:
         events, deliveries, failed = self._rows(target, drop_id, accepted, now, lease_until)
         refused += failed
         refused.sort()
-        room = max(0, self.config.max_rejections - len(tally.rejections))
-        rejections = tally.rejections + [{"line": line, "reason": reason} for line, reason in refused[:room]]
+        listed = max(0, self.config.max_rejections - len(tally.rejections))  # rejections the report still lists
+        rejections = tally.rejections + [{"line": line, "reason": reason} for line, reason in refused[:listed]]
         values: dict[str, Any] = {
             "committed_offset": end,
             "lines": lines,
