@@ -151,6 +151,8 @@ def test_a_message_sends_only_rows_still_under_its_claims_lease(
         one = {"events": [{"type": "visit.booked", "subject": "visit:late"}]}
         assert client.post("/v1/events/batch", json=one, headers=auth).status_code == 202
         [late], expired = claim(sessions, 0.001)
+        # Its message is taken once the lease has run out (within a millisecond it would not have).
+        wait_until(lambda: utcnow() > expired, timeout_s=5, what="the 1 ms lease to run out")
         runtime.deliver([late], expired)
     assert sorted(receiver.calls) == sorted(ids) and set(receiver.calls.values()) == {1}
     states = {d.id: (d.state, d.attempts) for d in rows(sessions)}
