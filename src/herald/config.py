@@ -198,7 +198,10 @@ class IngestSettings(BaseModel):
     """The watched drop folder (``herald watch``): where, how fast, and the target of top-level files.
 
     Files in a sub-folder use that folder's ``campaign.json``; files at the top level use
-    ``tenant``, ``endpoint_id``, ``event_type`` and ``lane`` from here.
+    ``tenant``, ``endpoint_id``, ``event_type``, ``lane`` and ``template`` from here. ``template``
+    names one of the tenant's webhook templates by its locale, as ``campaign.json`` does (stored
+    in canonical case; ``default`` for the default locale); empty: the default-locale template
+    renders the payloads when the tenant has one.
     """
 
     dir: Path | None = None
@@ -218,6 +221,19 @@ class IngestSettings(BaseModel):
     endpoint_id: str = ""
     event_type: str = "drop.user"
     lane: Literal["transactional", "bulk"] = "bulk"
+    template: str = ""
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        from herald.content.lookup import DEFAULT_TEMPLATE, named_locale  # loads the models: not at import
+
+        if not value:
+            return value
+        try:
+            return named_locale(value) or DEFAULT_TEMPLATE
+        except ValueError as exc:
+            raise ValueError(f"HERALD_INGEST__TEMPLATE: {exc}") from None
 
     @field_validator("event_type")
     @classmethod

@@ -261,6 +261,52 @@ def test_a_campaign_naming_a_template_that_does_not_exist_fails_its_file_and_wri
     assert row_counts(place.sessions) == before
 
 
+def top_level(place: Place, **ingest: Any) -> Ingester:
+    """An ingester whose files at the top of the drop folder go out as ``ingest`` sets them."""
+    settings = place.settings.model_copy(update={"ingest": place.settings.ingest.model_copy(update=ingest)})
+    return Ingester(settings=settings, sessions=place.sessions, directory=place.folder)
+
+
+def test_a_top_level_file_sends_the_payloads_of_the_template_the_settings_name(place: Place) -> None:
+    add_template(place, "", greeting("Hello"), event_type="drop.user")
+    add_template(place, "pt-BR", greeting("Olá"), event_type="drop.user")
+    # As in campaign.json: any spelling of the locale, stored in canonical case; default by name.
+    brazil = IngestSettings(template="pt_br").template
+    assert (brazil, IngestSettings(template="DEFAULT").template, IngestSettings().template) == ("pt-BR", "default", "")
+    outcomes = {
+        name: top_level(place, template=template).process(drop_file(place.folder, f"{name}.txt", ["u1", "u2"]))
+        for name, template in (("plain", ""), ("brazil", brazil), ("default", "default"))
+    }
+
+    assert [o.kind for o in outcomes.values()] == [OutcomeKind.ingested] * 2 + [OutcomeKind.duplicate]
+    assert outcomes["default"].drop_id == outcomes["plain"].drop_id  # the same payloads: the same audience
+    assert payloads(place.sessions, outcomes["plain"].drop_id or "") == {
+        "u1": {"body": {"text": "Hello u1"}}, "u2": {"body": {"text": "Hello u2"}},
+    }  # fmt: skip
+    assert payloads(place.sessions, outcomes["brazil"].drop_id or "") == {
+        "u1": {"body": {"text": "Olá u1"}}, "u2": {"body": {"text": "Olá u2"}},
+    }  # fmt: skip
+
+
+def test_a_top_level_file_whose_settings_name_a_template_that_does_not_exist_fails_and_writes_nothing(
+    place: Place,
+) -> None:
+    add_template(place, "de", greeting("Hallo"), event_type="drop.user")
+    before = row_counts(place.sessions)
+    for n, template in enumerate(("fr", "de-AT", "default")):
+        path = drop_file(place.folder, f"users-{n}.txt", ["u1", "u2"])
+
+        outcome = top_level(place, template=template).process(path)
+
+        assert outcome.kind == OutcomeKind.failed, template
+        assert outcome.detail == (
+            f"HERALD_INGEST__TEMPLATE: the tenant has no webhook template for 'drop.user' in locale {template!r}"
+        )
+        assert outcome.moved_to == place.folder / "failed" / path.name and not path.exists()
+        assert place.report(outcome.moved_to)["error"] == outcome.detail
+    assert row_counts(place.sessions) == before
+
+
 def crash_after(chunks: int) -> Callable[[int], None]:
     def hook(n: int) -> None:
         if n == chunks:

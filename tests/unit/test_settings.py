@@ -119,6 +119,7 @@ def test_every_setting_is_documented_in_the_readme() -> None:
         ({"HERALD_WORKER__CONCURRENCY": "s3cr3t-two"}, "HERALD_WORKER__CONCURRENCY: Input should be a valid integer"),
         ({"HERALD_DISPATCH__LEASE_S": "5"}, "HERALD_DISPATCH__LEASE_S: must exceed HERALD_WEBHOOK__TOTAL_TIMEOUT_S"),
         ({"HERALD_WEBHOOK__CONNECT_TIMEOUT_S": "-5"}, "HERALD_WEBHOOK__CONNECT_TIMEOUT_S: Input should be greater"),
+        ({"HERALD_INGEST__TEMPLATE": "de-x-spring"}, "HERALD_INGEST__TEMPLATE: must be a locale such as 'pt-BR'"),
     ],
 )
 def test_a_bad_setting_is_explained_by_its_variable_never_its_value(

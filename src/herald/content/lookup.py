@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from herald.store.models import Event, Recipient, Template
 
 DEFAULT_LOCALE = ""
+DEFAULT_TEMPLATE = "default"  # how a drop's target names the tenant's default-locale template
 MAX_LOCALE_CHARS = 35  # the width of ``templates.locale``
 
 _LANGUAGE = re.compile(r"[a-z]{2,3}")
@@ -52,6 +53,18 @@ def normalize_locale(locale: str | None) -> str | None:
     """``locale`` in canonical case (``pt-br`` -> ``pt-BR``), or None if it is empty or not a locale."""
     subtags = _subtags(locale)
     return "-".join(subtags) if subtags else None
+
+
+def named_locale(value: str) -> str:
+    """The stored locale of a template a drop's target names (``campaign.json``'s ``template``,
+    ``HERALD_INGEST__TEMPLATE``): ``''`` for ``default``, else the canonical tag (``pt-br`` ->
+    ``pt-BR``). Raises ``ValueError`` for anything that is not exactly a locale."""
+    if value.lower() == DEFAULT_TEMPLATE:
+        return DEFAULT_LOCALE
+    normal = normalize_locale(value)
+    if normal is None or normal.lower() != value.lower().replace("_", "-"):
+        raise ValueError(f"must be a locale such as 'pt-BR' or 'default', got {value!r}")
+    return normal
 
 
 def locale_chain(locale: str | None) -> list[str]:

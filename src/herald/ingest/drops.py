@@ -54,7 +54,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from herald.api.schemas import EventType, ObjectId
 from herald.config import Settings
-from herald.content.lookup import DEFAULT_LOCALE, get_template, normalize_locale
+from herald.content.lookup import DEFAULT_LOCALE, DEFAULT_TEMPLATE, get_template, named_locale
 from herald.content.render import RenderError, render_message, template_context
 from herald.dispatch.handover import hand_over, room
 from herald.errors import NotFoundError
@@ -83,7 +83,6 @@ logger = logging.getLogger(__name__)
 DONE = "done"
 FAILED = "failed"
 CAMPAIGN_FILE = "campaign.json"
-DEFAULT_TEMPLATE = "default"  # how campaign.json names the tenant's default-locale template
 
 
 EVENT_COLUMNS = ("id", "tenant_id", "type", "subject", "data", "lane", "created_at")
@@ -125,12 +124,7 @@ class CampaignConfig(BaseModel):
     @classmethod
     def _locale(cls, value: str | None) -> str | None:
         """The stored form of the template's locale: ``''`` for ``default``, else the canonical tag."""
-        if value is None or value.lower() == DEFAULT_TEMPLATE:
-            return None if value is None else DEFAULT_LOCALE
-        normal = normalize_locale(value)
-        if normal is None or normal.lower() != value.lower().replace("_", "-"):
-            raise ValueError(f"must be a locale such as 'pt-BR' or 'default', got {value!r}")
-        return normal
+        return None if value is None else named_locale(value)
 
 
 @dataclass(frozen=True)
@@ -383,7 +377,7 @@ class Ingester:
                 tenant_id=match.tenant_id,
                 event_type=match.event_type,
                 locale=match.locale,
-                where=f"drop {stalled.id}",
+                field=f"drop {stalled.id}: template",
             )
         return replace(match, template=template)
 
@@ -429,8 +423,9 @@ class Ingester:
                     "HERALD_INGEST__ENDPOINT_ID, or drop it into a campaign folder with a campaign.json"
                 )
             config = CampaignConfig(
-                tenant=cfg.tenant, endpoint_id=cfg.endpoint_id, event_type=cfg.event_type, lane=cfg.lane
-            )
+                tenant=cfg.tenant, endpoint_id=cfg.endpoint_id, event_type=cfg.event_type, lane=cfg.lane,
+                template=cfg.template or None,
+            )  # fmt: skip
         else:
             config = _load_campaign(self.directory / campaign / CAMPAIGN_FILE, campaign)
         where = f"{campaign}/{CAMPAIGN_FILE}" if campaign else "HERALD_INGEST__"
@@ -440,8 +435,9 @@ class Ingester:
                 endpoint = queries.get_endpoint(session=session, tenant_id=tenant.id, endpoint_id=config.endpoint_id)
             except NotFoundError as exc:
                 raise DropFileError(f"{where}: {exc.message}") from None
+            field = f"{where}: template" if campaign else "HERALD_INGEST__TEMPLATE"
             template = _webhook_template(
-                session, tenant_id=tenant.id, event_type=config.event_type, locale=config.template, where=where
+                session, tenant_id=tenant.id, event_type=config.event_type, locale=config.template, field=field
             )
         return Target(
             tenant.id, endpoint.id, config.event_type, config.lane, config.data, campaign, template, config.template
@@ -694,12 +690,12 @@ class Ingester:
 
 
 def _webhook_template(
-    session: Session, *, tenant_id: str, event_type: str, locale: str | None, where: str
+    session: Session, *, tenant_id: str, event_type: str, locale: str | None, field: str
 ) -> dict[str, str | None] | None:
     """The parts of the tenant's webhook template for ``event_type`` in ``locale`` (exactly).
 
-    ``locale=None`` (the campaign named no template): the default-locale one, or None if there is
-    none. A named template that does not exist is a ``DropFileError``.
+    ``locale=None`` (the target named no template): the default-locale one, or None if there is
+    none. A named template that does not exist is a ``DropFileError`` naming ``field``.
     """
     found = get_template(
         session=session,
@@ -712,8 +708,7 @@ def _webhook_template(
         if locale is None:
             return None
         raise DropFileError(
-            f"{where}: template: the tenant has no webhook template for {event_type!r} "
-            f"in locale {locale or DEFAULT_TEMPLATE!r}"
+            f"{field}: the tenant has no webhook template for {event_type!r} in locale {locale or DEFAULT_TEMPLATE!r}"
         )
     return {"channel": Channel.webhook.value, "body": found.body}
 
