@@ -226,10 +226,10 @@ class IngestSettings(BaseModel):
     @field_validator("template")
     @classmethod
     def _template(cls, value: str) -> str:
-        from herald.content.lookup import DEFAULT_TEMPLATE, named_locale  # loads the models: not at import
-
         if not value:
             return value
+        from herald.content.lookup import DEFAULT_TEMPLATE, named_locale  # loads the models: not at import
+
         try:
             return named_locale(value) or DEFAULT_TEMPLATE
         except ValueError as exc:
