@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -340,6 +341,27 @@ def test_a_claim_the_broker_refuses_goes_back_to_due(
         assert {(d.state, d.lease_until) for d in rows} == {(DeliveryState.queued, None)}
         assert all(d.due_at is not None for d in rows)
         assert queries.any_due(session=session, lane="bulk", now=utcnow())
+
+
+def test_after_a_refused_claim_the_dispatcher_pauses_before_claiming_again_unless_it_is_stopping(
+    settings: Settings, sessions: sessionmaker[Session], make_dispatcher: MakeDispatcher
+) -> None:
+    """A broker that is down must not make the dispatcher claim and release the same rows in a
+    tight loop: it waits a second (interrupted by ``stop()``, so shutting down stays prompt)."""
+    down = settings.model_copy(
+        update={"redis": settings.redis.model_copy(update={"url": f"redis://127.0.0.1:{free_port()}/0"})}
+    )
+    add_deliveries(sessions, 5, lane="bulk")
+    stopping = make_dispatcher(down)
+    stopping.stop()
+    started = time.monotonic()
+    assert stopping.dispatch_lane("bulk") is False  # the refusal alone: kombu's publish retries
+    refused_s = time.monotonic() - started
+    started = time.monotonic()
+    assert make_dispatcher(down).dispatch_lane("bulk") is False
+    assert time.monotonic() - started >= refused_s + 0.5  # and then the pause (1 s; margin for a busy machine)
+    with sessions() as session:
+        assert queries.any_due(session=session, lane="bulk", now=utcnow())  # both claims went back to due
 
 
 def test_urgent_claims_flag_bulk_work_to_yield_for_a_while_and_bulk_claims_do_not(
