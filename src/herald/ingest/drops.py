@@ -377,7 +377,7 @@ class Ingester:
                 tenant_id=match.tenant_id,
                 event_type=match.event_type,
                 locale=match.locale,
-                field=f"drop {stalled.id}: template",
+                label=f"drop {stalled.id}: template",
             )
         return replace(match, template=template)
 
@@ -435,9 +435,9 @@ class Ingester:
                 endpoint = queries.get_endpoint(session=session, tenant_id=tenant.id, endpoint_id=config.endpoint_id)
             except NotFoundError as exc:
                 raise DropFileError(f"{where}: {exc.message}") from None
-            field = f"{where}: template" if campaign else "HERALD_INGEST__TEMPLATE"
+            label = f"{where}: template" if campaign else "HERALD_INGEST__TEMPLATE"
             template = _webhook_template(
-                session, tenant_id=tenant.id, event_type=config.event_type, locale=config.template, field=field
+                session, tenant_id=tenant.id, event_type=config.event_type, locale=config.template, label=label
             )
         return Target(
             tenant.id, endpoint.id, config.event_type, config.lane, config.data, campaign, template, config.template
@@ -690,12 +690,12 @@ class Ingester:
 
 
 def _webhook_template(
-    session: Session, *, tenant_id: str, event_type: str, locale: str | None, field: str
+    session: Session, *, tenant_id: str, event_type: str, locale: str | None, label: str
 ) -> dict[str, str | None] | None:
     """The parts of the tenant's webhook template for ``event_type`` in ``locale`` (exactly).
 
     ``locale=None`` (the target named no template): the default-locale one, or None if there is
-    none. A named template that does not exist is a ``DropFileError`` naming ``field``.
+    none. A named template that does not exist is a ``DropFileError`` naming ``label``.
     """
     found = get_template(
         session=session,
@@ -708,7 +708,7 @@ def _webhook_template(
         if locale is None:
             return None
         raise DropFileError(
-            f"{field}: the tenant has no webhook template for {event_type!r} in locale {locale or DEFAULT_TEMPLATE!r}"
+            f"{label}: the tenant has no webhook template for {event_type!r} in locale {locale or DEFAULT_TEMPLATE!r}"
         )
     return {"channel": Channel.webhook.value, "body": found.body}
 
