@@ -23,6 +23,7 @@ from herald.store import queries
 from herald.store.db import transaction
 from herald.store.ids import new_id
 from herald.store.models import Delivery, Drop, Endpoint, Event
+from tests.e2e.test_delivery import make_endpoint
 from tests.support import Processes, Receiver, settings_env, wait_until
 
 pytestmark = pytest.mark.slow
@@ -60,12 +61,11 @@ def test_watch_delivers_a_csv_drop_end_to_end_and_reports_it(
     processes: Processes,
     sessions: sessionmaker[Session],
 ) -> None:
-    endpoint = client.post("/v1/endpoints", json={"url": receiver.url}, headers=auth).json()
-    receiver.secrets.append(endpoint["secret"])
+    endpoint_id = make_endpoint(client, auth, receiver)
     drops = settings.data_dir / "drops"
     campaign = drops / "spring"
     campaign.mkdir(parents=True)
-    config = {"tenant": "acme", "endpoint_id": endpoint["id"], "event_type": "promo.sent", "data": {"offer": "S10"}}
+    config = {"tenant": "acme", "endpoint_id": endpoint_id, "event_type": "promo.sent", "data": {"offer": "S10"}}
     (campaign / "campaign.json").write_text(json.dumps(config))
     processes.env.update(
         {"HERALD_INGEST__RESCAN_S": "0.5", "HERALD_INGEST__REPORT_EVERY_S": "0.5", "HERALD_INGEST__CHUNK_SIZE": "500"}
@@ -131,12 +131,11 @@ def test_watch_hands_its_chunks_to_the_bulk_workers_with_no_dispatcher_running(
     sessions: sessionmaker[Session],
 ) -> None:
     """``herald watch`` publishes the chunks it wrote claimed: a watcher and a worker alone deliver."""
-    endpoint = client.post("/v1/endpoints", json={"url": receiver.url}, headers=auth).json()
-    receiver.secrets.append(endpoint["secret"])
+    endpoint_id = make_endpoint(client, auth, receiver)
     processes.env.update(
         {
             "HERALD_INGEST__TENANT": "acme",
-            "HERALD_INGEST__ENDPOINT_ID": endpoint["id"],
+            "HERALD_INGEST__ENDPOINT_ID": endpoint_id,
             "HERALD_INGEST__CHUNK_SIZE": "100",
         }
     )
@@ -204,12 +203,11 @@ def test_a_failing_receiver_leaves_dead_letters_that_the_cli_lists_and_replays_u
 ) -> None:
     healthy = threading.Event()
     receiver.behaviour = lambda _id, _n: 200 if healthy.is_set() else 500
-    endpoint = client.post("/v1/endpoints", json={"url": receiver.url}, headers=auth).json()
-    receiver.secrets.append(endpoint["secret"])
+    endpoint_id = make_endpoint(client, auth, receiver)
     drops = settings.data_dir / "drops"
     campaign = drops / "winback"
     campaign.mkdir(parents=True)
-    config = {"tenant": "acme", "endpoint_id": endpoint["id"], "event_type": "promo.winback"}
+    config = {"tenant": "acme", "endpoint_id": endpoint_id, "event_type": "promo.winback"}
     (campaign / "campaign.json").write_text(json.dumps(config))
     processes.env.update({"HERALD_INGEST__RESCAN_S": "0.5", "HERALD_INGEST__REPORT_EVERY_S": "0.5"})
     processes.start("watch", "watch")
