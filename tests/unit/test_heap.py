@@ -53,3 +53,43 @@ def test_garbage_cycles_present_at_the_call_are_collected_not_frozen() -> None:
         """
     )
     assert out == "True"
+
+
+BATCHES = """
+    import gc
+    from herald import heap
+    collections = []
+    def work() -> None:
+        for _ in range(10):  # ten batches, each holding 20,000 containers alive, then letting go
+            held = [[i] for i in range(20_000)]
+            del held
+    if {freeze}:
+        heap.freeze_loaded()
+    gc.callbacks.append(lambda phase, info: collections.append(info) if phase == "stop" else None)
+    work()
+    print(len(collections))
+"""
+
+
+def test_a_batch_worth_of_short_lived_objects_triggers_no_collection_once_frozen() -> None:
+    assert int(run(BATCHES.format(freeze=False))) > 100  # CPython's default: one per 700 allocations
+    assert int(run(BATCHES.format(freeze=True))) == 0
+
+
+def test_garbage_cycles_made_later_are_still_collected() -> None:
+    out = run(
+        """
+        import gc, weakref
+        from herald import heap
+        heap.freeze_loaded()
+        class Node:
+            pass
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        probe = weakref.ref(a)
+        del a, b
+        kept = [[i] for i in range(heap.YOUNG_THRESHOLD + 1_000)]  # allocations outgrow frees
+        print(probe() is None, len(kept))
+        """
+    )
+    assert out.split()[0] == "True"
