@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from herald.store.ids import IdSource, new_id, new_ids
 
@@ -24,3 +25,12 @@ def test_an_id_source_keeps_prefixes_apart_and_refills() -> None:
     assert len(set(events)) == len(events)
     # Blocks are handed out in the order they were made: the time part never goes back.
     assert [i[4:14] for i in events] == sorted(i[4:14] for i in events)
+
+
+def test_the_random_part_of_block_made_ids_uses_the_whole_alphabet_evenly() -> None:
+    # 16,000 random characters: each of the 32 is expected 500 times (standard deviation ~22);
+    # a table that favoured some characters (fewer random bits than the ULID's 80) would show.
+    randoms = "".join(i[-16:] for i in new_ids("dlv", 1_000))
+    counts = Counter(randoms)
+    assert set(counts) == set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+    assert all(350 < n < 650 for n in counts.values()), counts
