@@ -12,8 +12,9 @@ itself) and collects their JSON:
                tuned through HERALD_* settings, listed in the results), sequential loop
     ingest     peak RSS and lines/s of ``herald watch`` on files of 1,000,000 and 10,000,000 lines
     api        accepted requests/s of POST /v1/events and /v1/events/batch vs an empty FastAPI app
-    isolation  OTP and transactional latency p50/p99: idle, while a drop of 100,000 ids is still being
-               ingested, and while the backlog it made drains
+    isolation  OTP and transactional latency p50/p99: idle, while a drop of 250,000 ids is still being
+               ingested, and while the backlog it made drains (100,000 drained before the second
+               set of probes ended once the drop got faster, which voids that phase)
     scheduled  memory per scheduled send vs Celery countdown, lateness, a burst of 100,000
 
 Writes ``<out>/suite.json`` (every goal with its value, the key numbers, each step's command,
@@ -74,9 +75,10 @@ class Sizes:
     timeout_s: float  # per step
 
 
+# The isolation step's backlog must outlast both probe phases (10 s each at the default rate).
 FULL = Sizes(
     messages=100_000, drop=100_000, celery=20_000, sequential=10_000, slow_drop=20_000, slow_sequential=30,
-    ingest_lines="1000000,10000000", api_duration_s=15, api_warmup_s=3, otps=200, backlog=100_000,
+    ingest_lines="1000000,10000000", api_duration_s=15, api_warmup_s=3, otps=200, backlog=250_000,
     scheduled=100_000, late=10_000, late_span_s=60, burst=100_000, lead_s=15, timeout_s=3 * 3600,
 )  # fmt: skip
 QUICK = Sizes(
