@@ -20,6 +20,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
 from herald import keys
+from herald.logs import number
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def publish(client: redis.Redis, prefix: str, notes: list[tuple[str, dict[str, A
             pipe.publish(keys.timeline(prefix, tenant_id), json.dumps(message))
         pipe.execute()
     except redis.RedisError:
-        logger.warning("could not publish %d changes to live timelines", len(notes))
+        logger.warning("could not publish %s changes to live timelines", number(len(notes)))
 
 
 def install(sessions: sessionmaker[Session], client: redis.Redis, prefix: str) -> None:

@@ -4,6 +4,7 @@ campaign configs, reports."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ from herald import keys
 from herald.config import IngestSettings, Settings
 from herald.ingest.drops import DropState, Ingester, OutcomeKind
 from herald.ingest.watcher import Watcher, urgent_check
+from herald.logs import RedactingFilter
 from herald.store import queries
 from herald.store.db import transaction
 from herald.store.ids import new_id, new_ids
@@ -357,6 +359,18 @@ def test_two_ingesters_on_one_file_never_commit_the_same_chunk(place: Place) -> 
     assert first.kind == OutcomeKind.skipped and "took over" in first.detail
     by_subject = deliveries_by_subject(place.sessions, results[0].drop_id or "")
     assert len(by_subject) == 500 and set(by_subject.values()) == {1}
+
+
+def test_the_ingested_log_line_keeps_its_counts_through_redaction(
+    place: Place, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Logs mask every bare run of 4+ digits as a possible code: counts are written 1,200.
+    path = drop_file(place.folder, "users.txt", [f"u{i}" for i in range(1_200)] + ["bad id"])
+    caplog.handler.addFilter(RedactingFilter())
+    with caplog.at_level(logging.INFO, logger="herald.ingest.drops"):
+        outcome = place.ingester().process(path)
+    assert outcome.kind == OutcomeKind.ingested
+    assert f"drop {outcome.drop_id}: users.txt ingested: 1,201 lines, 1,200 accepted, 1 rejected" in caplog.text
 
 
 def test_the_same_file_again_creates_nothing_and_says_so(place: Place) -> None:

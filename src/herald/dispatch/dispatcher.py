@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from herald import keys
 from herald.config import LANES, Settings
 from herald.dispatch.handover import hand_over, room
+from herald.logs import number
 from herald.store import queries
 from herald.store.db import background, make_sessionmaker, reader, transaction
 from herald.store.models import utcnow
@@ -107,7 +108,7 @@ class Dispatcher:
             self._last_reconcile = now
             returned = self.reconcile()
             if returned:
-                logger.warning("reconciler returned %d deliveries whose lease ran out", returned)
+                logger.warning("reconciler returned %s deliveries whose lease ran out", number(returned))
         busy = False
         for lane in self.lanes if lanes is None else lanes:
             busy |= self.dispatch_lane(lane)

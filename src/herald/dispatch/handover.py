@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from herald.config import DispatchSettings
 from herald.dispatch.batching import chunks
+from herald.logs import number
 from herald.store import queries
 from herald.store.db import transaction
 from herald.store.models import utcnow
@@ -55,11 +56,11 @@ def hand_over(
                 published += 1
     except Exception:
         unsent = [i for batch in batches[published:] for i in batch]
-        logger.exception("publishing to lane %s failed; %d deliveries back to due", lane, len(unsent))
+        logger.exception("publishing to lane %s failed; %s deliveries back to due", lane, number(len(unsent)))
         with transaction(sessions) as session:
             queries.release(session=session, ids=unsent, now=utcnow())
         return False
-    logger.debug("lane %s: %d deliveries in %d tasks", lane, len(ids), len(batches))
+    logger.debug("lane %s: %s deliveries in %s tasks", lane, number(len(ids)), number(len(batches)))
     return True
 
 

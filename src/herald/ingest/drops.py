@@ -69,6 +69,7 @@ from herald.ingest.report import (
     write_report,
 )
 from herald.ingest.seen import SeenIds
+from herald.logs import number
 from herald.store import queries
 from herald.store.bulk import prepare_insert, run_writes
 from herald.store.db import make_sessionmaker, reader, transaction
@@ -455,7 +456,7 @@ class Ingester:
         tally = _Tally(drop.committed_offset, drop.lines, drop.accepted, drop.rejected, list(drop.rejections))
         resume_at = drop.committed_offset
         if resume_at:
-            logger.info("drop %s: resuming %s after line %d", drop.id, name, drop.lines)
+            logger.info("drop %s: resuming %s after line %s", drop.id, name, number(drop.lines))
         else:
             logger.info("drop %s: ingesting %s", drop.id, name)
         size, pause_s = self._pace()
@@ -483,7 +484,7 @@ class Ingester:
                     self.on_chunk(chunks)
                     size, pause_s = self._pace()
                     if self.stop.wait(pause_s):
-                        logger.info("drop %s: stopping after line %d; resumes on restart", drop.id, tally.lines)
+                        logger.info("drop %s: stopping after line %s; resumes on restart", drop.id, number(tally.lines))
                         return Outcome(OutcomeKind.stopped, name, drop.id)
             if replayed:
                 seen.add(replayed)
@@ -629,8 +630,8 @@ class Ingester:
         self._move(path, destination, drop_report(drop, counts))
         self._reported[drop_id] = time.monotonic()
         logger.info(
-            "drop %s: %s ingested: %d lines, %d accepted, %d rejected; moved to %s",
-            drop.id, drop.name, drop.lines, drop.accepted, drop.rejected, drop.path,
+            "drop %s: %s ingested: %s lines, %s accepted, %s rejected; moved to %s",
+            drop.id, drop.name, number(drop.lines), number(drop.accepted), number(drop.rejected), drop.path,
         )  # fmt: skip
         return Outcome(OutcomeKind.ingested, drop.name, drop.id, destination)
 
@@ -682,7 +683,7 @@ class Ingester:
                         .execution_options(synchronize_session=False)
                     )
                 drop.state = DropState.finished
-                logger.info("drop %s: %d delivered, %d dead", drop.id, current.delivered, current.dead)
+                logger.info("drop %s: %s delivered, %s dead", drop.id, number(current.delivered), number(current.dead))
             path = self.directory / drop.path
             if path.is_file():
                 write_report(path, drop_report(drop, current))

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from herald.config import Settings
 from herald.intake import IntakePolicy, NewEvent
+from herald.logs import number
 from herald.scheduler.beat import sent_at as stamped_sent_at
 from herald.scheduler.periodic import Job, claim_tick, clean_up, finish_tick, tick_of
 from herald.scheduler.recurring import fire_due
@@ -56,11 +57,11 @@ def run(settings: Settings, sessions: sessionmaker[Session], name: str, *, sent_
             policy = IntakePolicy.from_settings(settings)
             emitted = fire_due(session=session, now=now, policy=policy, to_event=_to_event)
             if emitted:
-                logger.info("recurring: %d occurrences emitted", emitted)
+                logger.info("recurring: %s occurrences emitted", number(emitted))
         elif name == "reconcile":
             returned = queries.reconcile(session=session, now=now)
             if returned:
-                logger.warning("reconcile: returned %d deliveries whose lease ran out to due", returned)
+                logger.warning("reconcile: returned %s deliveries whose lease ran out to due", number(returned))
         else:
             clean_up(
                 session=session,
