@@ -103,6 +103,32 @@ def test_a_batch_sending_longer_than_its_lease_keeps_it_and_is_recorded_once(
     assert receiver.max_in_flight == 1
 
 
+def test_a_send_whose_deadline_passes_while_it_waits_for_its_endpoint_is_not_started(
+    settings: Settings, client: TestClient, auth: dict[str, str], receiver: Receiver, sessions: sessionmaker[Session]
+) -> None:
+    receiver.delay_s = 0.7
+    answer = client.post("/v1/endpoints", json={"url": receiver.url, "max_concurrency": 1}, headers=auth)
+    assert answer.status_code == 201, answer.text
+    receiver.secrets.append(answer.json()["secret"])
+    # One request at a time, 0.7 s each: the first two start before the deadline, the third
+    # would start at about 1.4 s, past it. All three are taken well before it.
+    deadline = (utcnow() + timedelta(seconds=1.0)).isoformat()
+    events = [{"type": "visit.booked", "subject": f"visit:{i}", "deliver_by": deadline} for i in range(3)]
+    assert client.post("/v1/events/batch", json={"events": events}, headers=auth).status_code == 202
+    ids, lease_until = claim(sessions, settings.dispatch.lease_s)
+    with running(settings) as runtime:
+        runtime.deliver(ids, lease_until)
+    done = rows(sessions)
+    assert sorted((d.state, d.attempts) for d in done) == [("delivered", 1), ("delivered", 1), ("expired", 0)]
+    [late] = [d for d in done if d.state == "expired"]
+    assert (late.last_error, late.lease_until, late.due_at) == ("deliver_by passed before sending", None, None)
+    assert late.finished_at is not None
+    with sessions() as session:
+        attempts = session.scalars(select(Attempt)).all()
+    assert sorted(a.delivery_id for a in attempts) == sorted(d.id for d in done if d.state == "delivered")
+    assert late.id not in receiver.calls and len(receiver.calls) == 2
+
+
 def test_a_worker_that_lost_its_lease_records_its_attempt_but_not_the_state(
     client: TestClient, auth: dict[str, str], receiver: Receiver, sessions: sessionmaker[Session], settings: Settings
 ) -> None:

@@ -14,7 +14,9 @@ A batch goes through three steps:
    after a 429/503, over its rate or concurrency) are held: due again a little later, their
    attempt count unchanged.
 2. **send**, concurrently; the lease is renewed while a long batch is still sending (at once if
-   the message waited in the broker long enough to use up a third of it).
+   the message waited in the broker long enough to use up a third of it). A send whose
+   ``deliver_by`` passed meanwhile (waiting for its endpoint's concurrency gate, say) is not
+   started: it expires like one found late at take, without an attempt.
 3. **record** (one transaction): an attempt row per send and each delivery's new state, written
    only where this worker still holds the lease, so a worker that lost its lease never
    overwrites what the worker that took over decided.
@@ -68,6 +70,8 @@ OTP_MARKER = "__HERALD_OTP_CODE__"
 
 # A held delivery (paused endpoint, over its rate or concurrency) is due again after this.
 HOLD_S = 1.0
+# Why a delivery ended without an attempt: its deadline came first (at take or at send).
+_LATE = "deliver_by passed before sending"
 
 _DELIVERIES: Table = Delivery.__table__  # type: ignore[assignment]
 _EVENTS: Table = Event.__table__  # type: ignore[assignment]
@@ -169,6 +173,7 @@ class Result:
     latency_ms: int
     sent: Sent | None
     error: ChannelError | None
+    expired: bool = False  # deliver_by passed before the send could start: no attempt was made
 
 
 class EventLike(Protocol):
@@ -353,7 +358,7 @@ class Runtime:
         finished: list[tuple[Any, ...]] = []
         for delivery, event in taken:
             if delivery.deliver_by is not None and delivery.deliver_by <= now:
-                finished.append(_finish(delivery, DeliveryState.expired, "deliver_by passed before sending", now))
+                finished.append(_finish(delivery, DeliveryState.expired, _LATE, now))
                 continue
             endpoint = endpoints.get(delivery.endpoint_id or "")
             message, problem = self._message(delivery, event, endpoint, secrets)
@@ -506,6 +511,11 @@ class Runtime:
             async with gate:
                 return await self._send(job)
         started_at = utcnow()
+        deliver_by = job.delivery.deliver_by
+        if deliver_by is not None and deliver_by <= started_at:
+            # Checked at take too; a send may then have waited for its endpoint's concurrency
+            # gate, and no attempt may start once the deadline has passed.
+            return Result(job, started_at, 0, None, None, expired=True)
         start = time.perf_counter()
         sent: Sent | None = None
         error: ChannelError | None = None
@@ -535,8 +545,13 @@ class Runtime:
         disable: set[str] = set()
         pauses: dict[str, float] = {}
         changes: list[tuple[Taken, str]] = []
+        expired: list[tuple[Any, ...]] = []
         for result in results:
             delivery = result.job.delivery
+            if result.expired:
+                expired.append((*_finish(delivery, DeliveryState.expired, _LATE, now), lease_until))
+                changes.append((delivery, DeliveryState.expired))
+                continue
             error = result.error
             number = delivery.attempts + 1
             first = delivery.first_attempt_at or result.started_at
@@ -577,7 +592,7 @@ class Runtime:
                     where=("id", "lease_until"),
                     where_sql=f"state = '{DeliveryState.sending}'",
                 )
-                for columns, rows in ((_RECORD_COLUMNS, ended), (_RETRY_COLUMNS, retried))
+                for columns, rows in ((_RECORD_COLUMNS, ended), (_RETRY_COLUMNS, retried), (_STATE_COLUMNS, expired))
             ),
         ]
         with self.engine.begin() as conn:
@@ -590,7 +605,9 @@ class Runtime:
             queue_latencies(
                 pipe,
                 prefix=self.prefix,
-                observations=[(r.job.delivery.lane, r.job.delivery.channel, r.latency_ms / 1000) for r in results],
+                observations=[
+                    (r.job.delivery.lane, r.job.delivery.channel, r.latency_ms / 1000) for r in results if not r.expired
+                ],
             )
             publish_states(pipe, prefix=self.prefix, changes=changes, listening=listening)
             pipe.execute()
