@@ -64,14 +64,15 @@ class Dispatcher:
         """Dispatch until ``stop()``; survives database and broker outages by retrying."""
         logger.info("dispatcher started for lanes %s", ",".join(self.lanes))
         urgent = tuple(lane for lane in self.lanes if lane != BULK)
-        bulk = threading.Thread(target=self._loop, args=((BULK,), self._bulk_wake.wait), name="dispatch-bulk")
+        bulk = None
         if BULK in self.lanes:
+            bulk = threading.Thread(target=self._loop, args=((BULK,), self._bulk_wake.wait), name="dispatch-bulk")
             bulk.start()
         try:
             self._loop(urgent, self._wait, reconcile=True)
         finally:
             self._bulk_wake.set()
-            if bulk.is_alive():
+            if bulk is not None:
                 bulk.join()
 
     def _loop(self, lanes: tuple[str, ...], wait: Callable[[float], object], *, reconcile: bool = False) -> None:
