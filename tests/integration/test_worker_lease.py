@@ -40,11 +40,20 @@ def running(settings: Settings) -> Iterator[Runtime]:
         worker.engine.dispose()
 
 
-def send_events(client: TestClient, auth: dict[str, str], receiver: Receiver, count: int, **endpoint: object) -> None:
+def send_events(
+    client: TestClient,
+    auth: dict[str, str],
+    receiver: Receiver,
+    count: int,
+    *,
+    fields: dict[str, object] | None = None,
+    **endpoint: object,
+) -> None:
+    """A new endpoint (``endpoint`` settings) and ``count`` events for it (``fields`` added to each)."""
     answer = client.post("/v1/endpoints", json={"url": receiver.url, **endpoint}, headers=auth)
     assert answer.status_code == 201, answer.text
     receiver.secrets.append(answer.json()["secret"])
-    events = [{"type": "visit.booked", "subject": f"visit:{i}"} for i in range(count)]
+    events = [{"type": "visit.booked", "subject": f"visit:{i}", **(fields or {})} for i in range(count)]
     assert client.post("/v1/events/batch", json={"events": events}, headers=auth).status_code == 202
 
 
@@ -106,17 +115,13 @@ def test_a_batch_sending_longer_than_its_lease_keeps_it_and_is_recorded_once(
 def test_a_send_whose_deadline_passes_while_it_waits_for_its_endpoint_is_not_started(
     settings: Settings, client: TestClient, auth: dict[str, str], receiver: Receiver, sessions: sessionmaker[Session]
 ) -> None:
-    receiver.delay_s = 0.7
-    answer = client.post("/v1/endpoints", json={"url": receiver.url, "max_concurrency": 1}, headers=auth)
-    assert answer.status_code == 201, answer.text
-    receiver.secrets.append(answer.json()["secret"])
-    # One request at a time, 0.7 s each: the first two start before the deadline, the third
-    # would start at about 1.4 s, past it. All three are taken well before it.
-    deadline = (utcnow() + timedelta(seconds=1.0)).isoformat()
-    events = [{"type": "visit.booked", "subject": f"visit:{i}", "deliver_by": deadline} for i in range(3)]
-    assert client.post("/v1/events/batch", json={"events": events}, headers=auth).status_code == 202
-    ids, lease_until = claim(sessions, settings.dispatch.lease_s)
-    with running(settings) as runtime:
+    receiver.delay_s = 1.0
+    with running(settings) as runtime:  # up before the deadline starts to run
+        # One request at a time, 1 s each: the first two start before the deadline (at about 0
+        # and 1 s), the third would start at about 2 s, past it. All three are taken at once.
+        deadline = (utcnow() + timedelta(seconds=1.5)).isoformat()
+        send_events(client, auth, receiver, 3, fields={"deliver_by": deadline}, max_concurrency=1)
+        ids, lease_until = claim(sessions, settings.dispatch.lease_s)
         runtime.deliver(ids, lease_until)
     done = rows(sessions)
     assert sorted((d.state, d.attempts) for d in done) == [("delivered", 1), ("delivered", 1), ("expired", 0)]
