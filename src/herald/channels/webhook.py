@@ -70,6 +70,12 @@ class WebhookChannel(ChannelLifecycle):
         # url -> parsed URL, or the refusal: a batch sends to a handful of URLs thousands of
         # times, and the check (a URL parse, address maths) is the same every time.
         self._checked: dict[str, URL | PermanentChannelError] = {}
+        # Lower-cased keys, so a message header cannot sneak in a second "Webhook-Id".
+        self._fixed_headers = {
+            "content-type": "application/json",
+            "user-agent": settings.user_agent,
+            "accept-encoding": "identity",
+        }
 
     async def start(self) -> None:
         """Open the connection pool; calling it again while open does nothing."""
@@ -149,12 +155,9 @@ class WebhookChannel(ChannelLifecycle):
         return verdict
 
     def _headers(self, message: WebhookMessage, signed: dict[str, str]) -> dict[str, str]:
-        # Lower-cased keys, so a message header cannot sneak in a second "Webhook-Id".
-        headers = {
-            "content-type": "application/json",
-            "user-agent": self._settings.user_agent,
-            "accept-encoding": "identity",
-        }
+        if not message.headers:  # the usual case; this runs once per attempt
+            return {**self._fixed_headers, **signed}
+        headers = self._fixed_headers.copy()
         headers.update(
             (name.lower(), value) for name, value in message.headers.items() if name.lower() not in _RESERVED_HEADERS
         )
@@ -233,9 +236,13 @@ async def _read_head(response: aiohttp.ClientResponse, limit: int) -> bytes:
     return bytes(head)
 
 
+# ``Sent`` is immutable: one per success status serves every attempt that got it.
+_SENT = {status: Sent(status_code=status) for status in range(200, 300)}
+
+
 def _outcome(status: int, retry_after: str | None, head: bytes) -> Sent:
     if 200 <= status < 300:
-        return Sent(status_code=status)
+        return _SENT[status]
     snippet = _snippet(head)
     text = _text(f"HTTP {status}: {snippet}" if snippet else f"HTTP {status}")
     if 300 <= status < 400:
