@@ -8,10 +8,11 @@ are the store's real functions.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -21,9 +22,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from herald.config import Settings
 from herald.store import queries
 from herald.store.db import transaction
-from herald.store.models import Attempt, Delivery, Endpoint, utcnow
+from herald.store.models import Attempt, Delivery, Endpoint, Event, Tenant, utcnow
 from herald.worker.celery_app import DELIVER_BATCH, make_celery
-from herald.worker.delivery import Runtime
+from herald.worker.delivery import Runtime, _taken, _taken_sqlite
 from tests.support import Receiver, wait_until
 
 
@@ -258,23 +259,27 @@ def test_a_worker_reads_its_batch_by_primary_key_not_through_the_claims_lease(
     client: TestClient, auth: dict[str, str], receiver: Receiver, sessions: sessionmaker[Session], settings: Settings
 ) -> None:
     """A claim's rows (up to ``max_claim``) share one lease; a batch is a slice of them. Read
-    through ``ix_deliveries_lease`` the take would walk the whole claim for each batch."""
+    through ``ix_deliveries_lease`` the take would walk the whole claim for each batch.
+
+    The take runs on SQLite's own driver, so its statements are seen by the driver's trace
+    callback (bound values written in) rather than by SQLAlchemy's events."""
     send_events(client, auth, receiver, 6)
     ids, lease_until = claim(sessions, settings.dispatch.lease_s)
-    statements: list[tuple[str, object]] = []
+    statements: list[str] = []
 
-    def seen(_conn: object, _cursor: object, statement: str, parameters: object, *_: object) -> None:
-        statements.append((statement, parameters))
+    def trace(dbapi_connection: sqlite3.Connection, *_: object) -> None:
+        dbapi_connection.set_trace_callback(statements.append)
 
     with running(settings) as runtime:
-        event.listen(runtime.engine, "before_cursor_execute", seen)
+        event.listen(runtime.engine, "checkout", trace)
         try:
             runtime.deliver(ids[:3], lease_until)  # the first batch of the claim
         finally:
-            event.remove(runtime.engine, "before_cursor_execute", seen)
-        [(statement, parameters)] = [(s, p) for s, p in statements if "JOIN events" in s]
+            event.remove(runtime.engine, "checkout", trace)
+        [statement] = [s for s in statements if "JOIN events" in s]
         with runtime.engine.connect() as conn:
-            plan = " ".join(row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters))  # type: ignore[arg-type]
+            conn.connection.driver_connection.set_trace_callback(None)  # type: ignore[union-attr]
+            plan = " ".join(row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}"))
     assert "sqlite_autoindex_deliveries_1 (id=?)" in plan and "ix_deliveries_lease" not in plan, plan
     assert sorted(receiver.calls) == sorted(ids[:3])
 
@@ -328,3 +333,44 @@ def test_rows_a_take_ends_are_not_written_once_another_claim_holds_them(
             event.remove(runtime.engine, "before_cursor_execute", hand_out_again)
     assert reclaimed and receiver.calls == {}
     assert {(d.state, d.lease_until) for d in rows(sessions)} == {("sending", reclaimed[0])}
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_sqlite_take_reads_rows_as_sqlalchemy_would(sessions: sessionmaker[Session], settings: Settings) -> None:
+    """The take reads SQLite through its own driver; each value must come out as the column
+    types give it (aware timestamps, decoded JSON), and only rows sending under the lease."""
+    now = utcnow()
+    lease_until = now + timedelta(seconds=60)
+    with transaction(sessions) as session:
+        session.add(Tenant(id="ten_take", name="take"))
+        session.flush()
+        for i in range(24):
+            session.add(
+                Event(id=f"evt_{i:02d}", tenant_id="ten_take", type="visit.booked", subject=f"s{i}" if i % 3 else None,
+                      data={"n": i, "text": "é\n\"q\""}, lane="bulk", created_at=now - timedelta(microseconds=i))
+            )  # fmt: skip
+        session.flush()
+        for i in range(24):
+            session.add(
+                Delivery(
+                    id=f"dlv_{i:02d}", tenant_id="ten_take", event_id=f"evt_{i:02d}", channel="webhook", lane="bulk",
+                    state="sending" if i != 5 else "delivered", event_type="visit.booked",
+                    subject=f"s{i}" if i % 3 else None, attempts=i % 4,
+                    first_attempt_at=now - timedelta(seconds=i) if i % 2 else None,
+                    deliver_by=now + timedelta(hours=i) if i % 5 else None,
+                    content={"body": {"n": i}} if i % 7 == 0 else None, address="a@b.c" if i % 11 == 0 else None,
+                    category="visits" if i % 13 == 0 else None,
+                    lease_until=lease_until if i != 9 else lease_until + timedelta(microseconds=1),
+                )
+            )  # fmt: skip
+    ids = [f"dlv_{i:02d}" for i in range(24)]
+    with running(settings) as runtime, runtime.reads.connect() as conn:
+        assert runtime.sqlite
+        fast, general = _taken_sqlite(conn, ids, lease_until), _taken(conn, ids, lease_until)
+    assert fast == general
+    assert sorted(taken.id for taken, _ in fast) == [i for i in ids if i not in ("dlv_05", "dlv_09")]
+    by_id = {taken.id: (taken, source) for taken, source in fast}
+    taken, source = by_id["dlv_07"]
+    assert taken.first_attempt_at == now - timedelta(seconds=7) and taken.first_attempt_at.tzinfo is UTC
+    assert taken.deliver_by == now + timedelta(hours=7) and source.created_at == now - timedelta(microseconds=7)
+    assert by_id["dlv_00"][0].content == {"body": {"n": 0}} and by_id["dlv_00"][1].data == {"n": 0, "text": 'é\n"q"'}

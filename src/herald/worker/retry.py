@@ -27,6 +27,10 @@ class RetryDecision:
     due_at: datetime | None = None
 
 
+# Immutable, so every successful attempt shares this one (a bulk batch is hundreds of them).
+DELIVERED = RetryDecision(Action.delivered, "delivered")
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     max_attempts: int
@@ -68,7 +72,7 @@ class RetryPolicy:
     ) -> RetryDecision:
         """What happens after attempt number ``attempt`` ended with ``error`` (None = success)."""
         if error is None:
-            return RetryDecision(Action.delivered, "delivered")
+            return DELIVERED
         if isinstance(error, PermanentChannelError):
             return RetryDecision(Action.dead, f"not retryable: {error.message}")
         if attempt >= self.max_attempts:
