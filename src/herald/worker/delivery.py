@@ -69,7 +69,7 @@ from herald.store.models import (
     utcnow,
 )
 from herald.worker.pacing import Pacing, Slots
-from herald.worker.retry import Action, RetryPolicy
+from herald.worker.retry import DELIVERED, Action, RetryDecision, RetryPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -626,13 +626,14 @@ class Runtime:
             status_code = result.sent.status_code if result.sent else error.status_code if error else None
             error_text = redact(error.message, limit=300) if error else None
             provider = result.sent.provider if result.sent else error.provider if error else None
+            # Enum members hash and give their value in Python: the usual outcome skips both.
+            outcome, state, reason = _DELIVERED if decision is DELIVERED else _outcome(decision)
             attempts.append(
-                (delivery.id, number, result.started_at, result.latency_ms, status_code, decision.action.value,
-                 error_text, _reason_text(decision.reason), provider)
+                (delivery.id, number, result.started_at, result.latency_ms, status_code, outcome, error_text, reason,
+                 provider)
             )  # fmt: skip
-            state = _STATES[decision.action]
             values = (state, number, first, None, status_code, error_text, now)
-            if decision.action is Action.retry:
+            if outcome == Action.retry.value:
                 retried.append((*values, None, decision.due_at, delivery.id, lease_until))
             else:
                 ended.append((*values, now, delivery.id, lease_until))
@@ -696,11 +697,19 @@ def publish_states(
         pipe.publish(keys.timeline(prefix, tenant_id), json.dumps(messages))
 
 
+def _outcome(decision: RetryDecision) -> tuple[str, DeliveryState, str]:
+    """What an attempt stores of ``decision`` (its action, reason) and the delivery's new state."""
+    return decision.action.value, _STATES[decision.action], _reason_text(decision.reason)
+
+
 @lru_cache(maxsize=1024)
 def _reason_text(reason: str) -> str:
     """A decision's reason as stored on its attempt: redacted, cut to 300 characters. Most are
     the same few strings ("delivered"), and redacting is regular expressions on every one."""
     return redact(reason, limit=300)
+
+
+_DELIVERED = _outcome(DELIVERED)
 
 
 def _hold(delivery: Taken, due_at: datetime) -> tuple[Any, ...]:
