@@ -328,6 +328,45 @@ def test_each_claim_counts_what_other_claimers_have_in_flight(
         assert queries.any_due(session=session, lane=LANE, now=utcnow())  # 10 wait for room
 
 
+@pytest.mark.parametrize("lane", ["bulk", LANE])
+def test_a_full_bulk_lane_is_counted_again_only_after_a_tick_and_urgent_lanes_every_time(
+    settings: Settings, sessions: sessionmaker[Session], make_dispatcher: MakeDispatcher, lane: str
+) -> None:
+    """A large drop wakes the dispatcher after every chunk it queues; counting the bulk lane's
+    leased rows for each wake-up was waste while it is full. Urgent lanes claim freed room at once."""
+    cfg = settings.dispatch.model_copy(update={"max_in_flight": 10, "max_claim": 10, "tick_s": 1.0})
+    dispatcher = make_dispatcher(settings.model_copy(update={"dispatch": cfg}))
+    engine = dispatcher.sessions.kw["bind"]
+    counts: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if "count(*)" in statement and "lease_until IS NOT NULL" in statement:
+            counts.append(statement)
+
+    first = add_deliveries(sessions, 15, lane=lane)
+    assert dispatcher.dispatch_lane(lane) is True  # a full claim of 10
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        assert dispatcher.dispatch_lane(lane) is False  # full
+        with transaction(sessions) as session:  # the workers finish what was claimed
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(first), Delivery.lease_until.is_not(None))
+                .values(state=DeliveryState.delivered, lease_until=None)
+            )
+        dispatcher.dispatch_lane(lane)
+        at_once = (len(counts), leased(sessions).get(DeliveryState.sending, 0))
+        time.sleep(1.1)
+        dispatcher.dispatch_lane(lane)
+        after_a_tick = (len(counts), leased(sessions).get(DeliveryState.sending, 0))
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    if lane == "bulk":
+        assert (at_once, after_a_tick) == ((1, 0), (2, 5))
+    else:
+        assert (at_once, after_a_tick) == ((2, 5), (2, 5))  # nothing left due: no count
+
+
 def test_a_claim_the_broker_refuses_goes_back_to_due(
     settings: Settings, sessions: sessionmaker[Session], make_dispatcher: MakeDispatcher
 ) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from sqlalchemy import event as sql_event
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -739,6 +740,36 @@ def test_chunks_the_lane_has_no_room_for_are_queued_for_the_dispatcher(
     assert (len(sending), len(queued)) == (50, 70)  # the first chunk fitted under 60; then 10 places were left
     assert sorted(i for ids in queued_batches(broker, "bulk") for i in ids) == sorted(sending)
     assert woken == [1, 1]  # once for each chunk left to the dispatcher
+
+
+def test_while_the_lane_is_full_chunks_do_not_count_it_again_until_a_tick_has_passed(
+    place: Place, celery_of: Callable[[Settings], Celery]
+) -> None:
+    """Counting the in-flight rows of a full lane for every chunk was waste while a large drop
+    waits for room; a chunk no larger than the room last seen is still counted (and claimed)."""
+    dispatch = place.settings.dispatch.model_copy(update={"max_in_flight": 60, "tick_s": 60.0})
+    tight = place.settings.model_copy(update={"dispatch": dispatch})
+    counts: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if "count(*)" in statement and "lease_until IS NOT NULL" in statement:
+            counts.append(statement)
+
+    path = drop_file(place.folder, "users.txt", [f"u{n}" for n in range(155)])  # chunks of 50, 50, 50 and 5
+    ingester = Ingester(settings=tight, sessions=place.sessions, directory=place.folder, celery=celery_of(tight))
+    engine = place.sessions.kw["bind"]
+    sql_event.listen(engine, "before_cursor_execute", seen)
+    try:
+        outcome = ingester.process(path)
+    finally:
+        sql_event.remove(engine, "before_cursor_execute", seen)
+
+    rows = claims(place.sessions, outcome.drop_id)
+    sending = {i for i, (state, due, lease) in rows.items() if (state, due) == ("sending", False) and lease}
+    queued = {i for i, (state, due, lease) in rows.items() if (state, due, lease) == ("queued", True, None)}
+    # The first chunk fits under 60; the second finds 10 places; the third is not counted; the
+    # last (5 lines) fits in the 10 places seen, is counted and claimed.
+    assert (len(sending), len(queued), len(counts)) == (55, 100, 3)
 
 
 def test_chunks_the_broker_refuses_go_back_to_due_and_ingestion_goes_on(

@@ -303,6 +303,8 @@ class Ingester:
         self.on_chunk = on_chunk
         self.urgent = urgent
         self._reported: dict[str, float] = {}
+        # Per lane, when a count last found too little room in flight, and how much it found.
+        self._short: dict[str, tuple[float, int]] = {}
 
     def process(self, path: Path) -> Outcome:
         """Ingest, resume, or set aside one file of the drop folder."""
@@ -569,8 +571,17 @@ class Ingester:
         if self.celery is None or not count:
             return None
         config = self.settings.dispatch
-        if room(reads=self.reads, config=config, lane=lane) < count:
+        short = self._short.get(lane)
+        if short is not None and count > short[1] and time.monotonic() - short[0] < config.tick_s:
+            # Too full for this many a moment ago. While a large drop waits for room, counting
+            # the lane's ~max_in_flight leased rows again for every chunk cost the ingester 9%
+            # of its CPU; the dispatcher hands out what is queued meanwhile, as it would anyway.
             return None
+        free = room(reads=self.reads, config=config, lane=lane)
+        if free < count:
+            self._short[lane] = (time.monotonic(), free)
+            return None
+        self._short.pop(lane, None)
         return queries.lease_expiry(now, config.lease_s)
 
     def _rows(
