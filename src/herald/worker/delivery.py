@@ -211,13 +211,10 @@ def _taken_sqlite(conn: Connection, ids: list[str], lease_until: datetime) -> li
     return taken
 
 
-_ENDPOINT_ROWS = select(_ENDPOINTS.c.id, _ENDPOINTS.c.url, _ENDPOINTS.c.enabled).where(
-    _ENDPOINTS.c.id.in_(bindparam("ids", expanding=True))
-)
-_ENDPOINT_LIMITS = select(_ENDPOINTS.c.id, _ENDPOINTS.c.max_rate_per_s, _ENDPOINTS.c.max_concurrency).where(
-    _ENDPOINTS.c.id.in_(bindparam("ids", expanding=True)),
-    (_ENDPOINTS.c.max_rate_per_s.is_not(None)) | (_ENDPOINTS.c.max_concurrency.is_not(None)),
-)
+# What building the messages and pacing need of the batch's endpoints, in one query.
+_ENDPOINT_ROWS = select(
+    _ENDPOINTS.c.id, _ENDPOINTS.c.url, _ENDPOINTS.c.enabled, _ENDPOINTS.c.max_rate_per_s, _ENDPOINTS.c.max_concurrency
+).where(_ENDPOINTS.c.id.in_(bindparam("ids", expanding=True)))
 _TENANT_RETRIES = select(_TENANTS.c.id, _TENANTS.c.retry_max_attempts, _TENANTS.c.retry_window_s).where(
     _TENANTS.c.id.in_(bindparam("ids", expanding=True))
 )
@@ -358,9 +355,13 @@ class Runtime:
             if not first:
                 logger.warning("a batch was delivered twice by the broker; the second copy is not sent")
                 return None
-            jobs, finished = self._jobs(conn, taken, now)
+            endpoint_ids = list({t.endpoint_id for t, _ in taken if t.endpoint_id})
+            endpoints = {}
+            if endpoint_ids:
+                endpoints = {row.id: row for row in conn.execute(_ENDPOINT_ROWS, {"ids": endpoint_ids})}
+            jobs, finished = self._jobs(conn, taken, endpoints, now)
             batch = Batch(jobs, lease_until, listening=listening)
-            held = self._pace(conn, batch, now, paused)
+            held = self._pace(batch, endpoints, now, paused)
         # Only rows still under this claim's lease (and still sending) end or wait here.
         changed = [(*row, lease_until) for row in finished + held]
         write = prepare_update(
@@ -406,11 +407,11 @@ class Runtime:
         return bool(first), paused, listening
 
     def _jobs(
-        self, conn: Connection, taken: list[tuple[Taken, Source]], now: datetime
+        self, conn: Connection, taken: list[tuple[Taken, Source]], endpoints: dict[str, Any], now: datetime
     ) -> tuple[list[Job], list[tuple[Any, ...]]]:
-        """The job of each taken delivery, and the rows that end here (expired, unsendable)."""
-        endpoint_ids = list({t.endpoint_id for t, _ in taken if t.endpoint_id})
-        endpoints = {row.id: row for row in conn.execute(_ENDPOINT_ROWS, {"ids": endpoint_ids})} if endpoint_ids else {}
+        """The job of each taken delivery, and the rows that end here (expired, unsendable).
+        ``endpoints``: the ``_ENDPOINT_ROWS`` of the batch's endpoints, by id."""
+        endpoint_ids = list(endpoints)
         secrets = queries.active_secrets(session=conn, endpoint_ids=endpoint_ids, now=now) if endpoint_ids else {}
         policies = {
             row.id: RetryPolicy.from_settings(
@@ -479,7 +480,9 @@ class Runtime:
             return None
         return raw.decode() if isinstance(raw, bytes) else str(raw)
 
-    def _pace(self, conn: Connection, batch: Batch, now: datetime, paused: dict[str, float]) -> list[tuple[Any, ...]]:
+    def _pace(
+        self, batch: Batch, endpoints: dict[str, Any], now: datetime, paused: dict[str, float]
+    ) -> list[tuple[Any, ...]]:
         """Hold back what endpoints cannot take now; returns the held rows' new state.
 
         Held deliveries go back to due ``HOLD_S`` later (or when a pause ends) and keep their
@@ -488,7 +491,9 @@ class Runtime:
         endpoint_ids = {j.delivery.endpoint_id for j in batch.jobs if j.delivery.endpoint_id}
         if not endpoint_ids:
             return []
-        limits = conn.execute(_ENDPOINT_LIMITS, {"ids": list(endpoint_ids)}).all()
+        limits = [
+            row for row in map(endpoints.get, endpoint_ids) if row and (row.max_rate_per_s or row.max_concurrency)
+        ]
         if not limits and not paused:
             return []
         rates = {row.id: row.max_rate_per_s for row in limits if row.max_rate_per_s}
