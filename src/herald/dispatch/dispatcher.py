@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from herald import keys
 from herald.config import LANES, Settings
-from herald.dispatch.handover import hand_over, room
+from herald.dispatch.handover import Room, hand_over, room
 from herald.logs import number
 from herald.store import queries
 from herald.store.db import background, make_sessionmaker, reader, transaction
@@ -59,7 +59,7 @@ class Dispatcher:
         self.stopping = threading.Event()
         self._bulk_wake = threading.Event()
         self._last_reconcile = 0.0
-        self._bulk_full_until = 0.0  # monotonic; the bulk lane's in-flight count is not read before
+        self.bulk_room = Room(reads=self.reads, config=settings.dispatch)
 
     def run(self) -> None:
         """Dispatch until ``stop()``; survives database and broker outages by retrying."""
@@ -127,19 +127,15 @@ class Dispatcher:
 
     def dispatch_lane(self, lane: str) -> bool:
         cfg = self.settings.dispatch
-        if lane == BULK and time.monotonic() < self._bulk_full_until:
-            return False
         now = utcnow()
         with self.reads() as session:
             if not queries.any_due(session=session, lane=lane, now=now):
                 return False
-        limit = min(cfg.max_claim, room(reads=self.reads, config=cfg, lane=lane))
+        # A large drop wakes the bulk loop after every chunk it queues; the bulk lane's count
+        # remembers a full lane for a tick. Urgent lanes are counted at every pass.
+        free = self.bulk_room.at_least(lane, 1) if lane == BULK else room(reads=self.reads, config=cfg, lane=lane)
+        limit = min(cfg.max_claim, free)
         if limit <= 0:
-            if lane == BULK:
-                # Full: room comes back as workers finish, not at a wake-up. A large drop wakes
-                # the dispatcher after every chunk it writes; counting ~max_in_flight leased rows
-                # for each is waste, and bulk work may wait one tick for room.
-                self._bulk_full_until = time.monotonic() + cfg.tick_s
             return False
         with transaction(self.bulk_sessions if lane == BULK else self.sessions) as session:
             ids = queries.claim_due(session=session, lane=lane, limit=limit, lease_s=cfg.lease_s, now=now)

@@ -56,7 +56,7 @@ from herald.api.schemas import EventType, ObjectId
 from herald.config import Settings
 from herald.content.lookup import DEFAULT_LOCALE, DEFAULT_TEMPLATE, get_template, named_locale
 from herald.content.render import RenderError, render_message, template_context
-from herald.dispatch.handover import hand_over, room
+from herald.dispatch.handover import Room, hand_over
 from herald.errors import NotFoundError
 from herald.ingest.parsers import DropFileError, DropParser, Item, Rejection, Row, digests, scan
 from herald.ingest.report import (
@@ -303,8 +303,7 @@ class Ingester:
         self.on_chunk = on_chunk
         self.urgent = urgent
         self._reported: dict[str, float] = {}
-        # Per lane, when a count last found too little room in flight, and how much it found.
-        self._short: dict[str, tuple[float, int]] = {}
+        self.room = Room(reads=self.reads, config=settings.dispatch)
 
     def process(self, path: Path) -> Outcome:
         """Ingest, resume, or set aside one file of the drop folder."""
@@ -570,19 +569,9 @@ class Ingester:
         leave them to the dispatcher (no Celery app, or no room in flight for them all)."""
         if self.celery is None or not count:
             return None
-        config = self.settings.dispatch
-        short = self._short.get(lane)
-        if short is not None and count > short[1] and time.monotonic() - short[0] < config.tick_s:
-            # Too full for this many a moment ago. While a large drop waits for room, counting
-            # the lane's ~max_in_flight leased rows again for every chunk cost the ingester 9%
-            # of its CPU; the dispatcher hands out what is queued meanwhile, as it would anyway.
+        if not self.room.at_least(lane, count):
             return None
-        free = room(reads=self.reads, config=config, lane=lane)
-        if free < count:
-            self._short[lane] = (time.monotonic(), free)
-            return None
-        self._short.pop(lane, None)
-        return queries.lease_expiry(now, config.lease_s)
+        return queries.lease_expiry(now, self.settings.dispatch.lease_s)
 
     def _rows(
         self, target: Target, drop_id: str, rows: list[Row], now: datetime, lease_until: datetime | None

@@ -638,7 +638,7 @@ class Runtime:
                  provider)
             )  # fmt: skip
             values = (state, number, first, None, status_code, error_text, now)
-            if outcome == Action.retry.value:
+            if decision.action is Action.retry:
                 retried.append((*values, None, decision.due_at, delivery.id, lease_until))
             else:
                 ended.append((*values, now, delivery.id, lease_until))
