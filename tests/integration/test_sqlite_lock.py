@@ -7,17 +7,20 @@ meet them; a real process is killed with -9 while holding one.
 from __future__ import annotations
 
 import fcntl
+import multiprocessing
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, make_url, text
 
 from herald.store import db as store_db
 from herald.store.db import background, make_engine, reader
@@ -145,3 +148,87 @@ def test_a_writer_stuck_holding_the_lock_fails_the_others_after_the_timeout(
         assert locks(db) == (False, True)  # the loser holds nothing; the stuck writer still does
         held_conn.rollback()
     assert locks(db) == (False, False)
+
+
+def test_threads_of_one_process_take_turns_and_every_write_lands(database: tuple[str, Path]) -> None:
+    """The API's request threads share one engine: each waits its turn on the process's thread
+    lock, then on the file lock, and none times out while the others write."""
+    url, _ = database
+    with engine_for(url) as engine:
+
+        def writer(n: int) -> None:
+            for i in range(25):
+                with engine.begin() as conn:
+                    conn.execute(
+                        text("INSERT INTO tenants (id, name, created_at) VALUES (:id, :id, '2026-01-01')"),
+                        {"id": f"ten_{n}_{i}"},
+                    )
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in threads)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM tenants")).scalar() == 200
+
+
+def test_a_thread_waiting_for_its_turn_fails_after_the_timeout_and_holds_nothing(
+    database: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, db = database
+    monkeypatch.setattr(store_db, "LOCK_TIMEOUT_S", 0.3)
+    failures: list[BaseException] = []
+    with engine_for(url) as engine, engine.connect() as held_conn:
+        held_conn.begin()
+        held_conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('ten_1', 'a', '2026-01-01')"))
+
+        def other() -> None:
+            try:
+                with engine.begin() as conn:
+                    conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('ten_2', 'b', '2026-01-01')"))
+            except sqlite3.OperationalError as exc:
+                failures.append(exc)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(10)
+        assert [str(e) for e in failures] == ["database is locked"]
+        held_conn.commit()
+    assert locks(db) == (False, False)
+    with engine_for(url) as engine, engine.begin() as conn:  # the loser left no turn taken behind
+        conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('ten_3', 'c', '2026-01-01')"))
+        assert conn.execute(text("SELECT id FROM tenants ORDER BY id")).scalars().all() == ["ten_1", "ten_3"]
+
+
+def _write_after_fork(url: str, done: Any) -> None:
+    store_db.LOCK_TIMEOUT_S = 5.0
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('ten_child', 'c', '2026-01-01')"))
+        done.set()
+    finally:
+        engine.dispose()
+
+
+def test_a_process_forked_while_a_thread_waits_its_turn_does_not_inherit_that_turn(
+    database: tuple[str, Path],
+) -> None:
+    """Celery forks its pool processes: a turn on the thread lock taken in the parent (by some
+    request thread about to write) must not stay taken in the child, where no thread would end it."""
+    url, _ = database
+    context = multiprocessing.get_context("fork")
+    done = context.Event()
+    turn = store_db._thread_lock(f"{make_url(url).database}-write.lock")
+    assert turn.acquire(timeout=5)
+    try:
+        child = context.Process(target=_write_after_fork, args=(url, done))
+        child.start()
+        child.join(15)
+    finally:
+        turn.release()
+    assert child.exitcode == 0 and done.is_set()
+    with engine_for(url) as engine, engine.connect() as conn:
+        assert conn.execute(text("SELECT id FROM tenants")).scalars().all() == ["ten_child"]

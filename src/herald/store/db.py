@@ -12,6 +12,10 @@ that was free long ago; the file lock is tried every 4 ms at most. Background wo
 with ``background=True``: bulk workers, the drop ingester; or ``background(engine)`` for one
 transaction) first passes a second, "background" lock, so at most one bulk writer at a time
 competes with the API, the dispatcher and the urgent lanes: an OTP waits for one bulk write.
+
+Threads of one process (the API's request threads) queue for each file lock on a thread lock
+first, which hands over as soon as it is released: only one of them polls the file lock, and
+the others neither sleep through a free lock nor wake every few milliseconds to try it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +34,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 # How long a SQLite writer waits for the write lock before "database is locked".
 LOCK_TIMEOUT_S = 30.0
+
+
+# Per lock file, the thread lock its writers in this process queue on (``_LockedConnection``).
+_thread_locks: dict[str, threading.Lock] = {}
+# A child process starts with none held: a lock copied held from its parent would never open.
+os.register_at_fork(after_in_child=_thread_locks.clear)
+
+
+def _thread_lock(path: str) -> threading.Lock:
+    lock = _thread_locks.get(path)
+    return lock if lock is not None else _thread_locks.setdefault(path, threading.Lock())
 
 
 class _LockedConnection(sqlite3.Connection):
@@ -44,20 +60,26 @@ class _LockedConnection(sqlite3.Connection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        paths = (f"{self.database}-background.lock", f"{self.database}-write.lock")
-        self._lock_fds = [os.open(path, os.O_RDWR | os.O_CREAT, 0o600) for path in paths]
-        self._held: list[int] = []
+        self._lock_paths = (f"{self.database}-background.lock", f"{self.database}-write.lock")
+        self._lock_fds = [os.open(path, os.O_RDWR | os.O_CREAT, 0o600) for path in self._lock_paths]
+        self._held: list[tuple[int, threading.Lock]] = []
 
     def acquire(self, *, background: bool = False) -> None:
         """Take the write lock, after the background lock for background work.
 
-        Polled every few milliseconds rather than blocking, so that a writer stuck holding the
-        lock fails the others after ``LOCK_TIMEOUT_S`` ("database is locked", as SQLite's own
-        busy timeout would) instead of hanging them for ever.
+        Each file lock is polled every few milliseconds rather than waited on, so that a writer
+        stuck holding it fails the others after ``LOCK_TIMEOUT_S`` ("database is locked", as
+        SQLite's own busy timeout would) instead of hanging them for ever. Before that, threads
+        of this process wait their turn on its thread lock, within the same deadline.
         """
-        wanted = self._lock_fds if background or self.background else self._lock_fds[1:]
+        first = 0 if background or self.background else 1
         deadline = time.monotonic() + LOCK_TIMEOUT_S
-        for fd in wanted:
+        for fd, path in zip(self._lock_fds[first:], self._lock_paths[first:], strict=True):
+            local = _thread_lock(path)
+            if not local.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                self.release()
+                raise sqlite3.OperationalError("database is locked")
+            self._held.append((fd, local))
             pause_s = 0.0002
             while True:
                 try:
@@ -69,11 +91,12 @@ class _LockedConnection(sqlite3.Connection):
                         raise sqlite3.OperationalError("database is locked") from None
                     time.sleep(pause_s)
                     pause_s = min(pause_s * 2, 0.004)
-            self._held.append(fd)
 
     def release(self) -> None:
         while self._held:
-            fcntl.flock(self._held.pop(), fcntl.LOCK_UN)
+            fd, local = self._held.pop()
+            fcntl.flock(fd, fcntl.LOCK_UN)  # nothing happens if this fd's lock was not taken yet
+            local.release()
 
     def commit(self) -> None:
         try:
