@@ -771,11 +771,21 @@ def machine_info() -> dict[str, Any]:
     commit = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):  # read-only git: which code was measured
         commit = subprocess.run(
-            ["git", "-C", str(BENCH_DIR), "describe", "--always", "--dirty", "--abbrev=12"],
+            ["git", "-C", str(BENCH_DIR), "describe", "--always", "--abbrev=12"],
             capture_output=True,
             text=True,
             timeout=5,
         ).stdout.strip()
+        # "-dirty" for uncommitted code only: the results a run writes as it goes do not count.
+        changed = subprocess.run(
+            ["git", "-C", str(BENCH_DIR.parent), "status", "--porcelain", "--untracked-files=no", "--", ".",
+             ":(exclude)bench/results"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()  # fmt: skip
+        if commit and changed:
+            commit += "-dirty"
     source = hashlib.sha256()
     for path in sorted((BENCH_DIR.parent / "src").rglob("*.py")):
         source.update(str(path.relative_to(BENCH_DIR.parent)).encode() + b"\0" + path.read_bytes())
