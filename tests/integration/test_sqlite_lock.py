@@ -61,6 +61,11 @@ def engine_for(url: str, *, background: bool = False) -> Iterator[Engine]:
         engine.dispose()
 
 
+def turn_taken(db: Path) -> bool:
+    """Whether a thread of this process holds its turn at the write lock (``store_db``)."""
+    return store_db._thread_lock(f"{db}-write.lock").locked()
+
+
 def test_a_write_transaction_holds_the_write_lock_until_it_ends(database: tuple[str, Path]) -> None:
     url, db = database
     with engine_for(url) as engine:
@@ -68,12 +73,16 @@ def test_a_write_transaction_holds_the_write_lock_until_it_ends(database: tuple[
         with engine.begin() as conn:
             conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('ten_1', 'a', '2026-01-01')"))
             assert locks(db) == (False, True)
+            assert turn_taken(db)  # the process's other threads wait for it, not for the file lock
         assert locks(db) == (False, False)  # committed
+        assert not turn_taken(db)
         with pytest.raises(RuntimeError), engine.begin() as conn:
             conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('ten_2', 'b', '2026-01-01')"))
             assert locks(db) == (False, True)
+            assert turn_taken(db)
             raise RuntimeError("rolled back")
         assert locks(db) == (False, False)  # rolled back
+        assert not turn_taken(db)
         with engine.connect() as conn:
             assert conn.execute(text("SELECT id FROM tenants")).scalars().all() == ["ten_1"]
 
